@@ -1,0 +1,312 @@
+"""Typed job configs, loaded from YAML under jobs/configs/ and validated before Ray starts.
+
+A config file names components (model variant, dataset layout, budgets); `key.sub=value` overrides on the
+command line change single fields. Every mistake a user can make in a config (unknown key, unknown variant,
+budget out of range, missing dataset) is reported here, with the fix, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "tiny_cpu"
+# The paper's training set of budgets: e_c drawn per step uniformly from {0.15, 0.25, ..., 0.95}.
+PAPER_TRAIN_BUDGETS = [0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
+
+
+class ConfigError(ValueError):
+    """A config value a job cannot run with; the message names the key and the fix."""
+
+
+@dataclass
+class SynthConfig:
+    """The generated dataset used when `data.root` is empty (the embedded default)."""
+
+    classes: int = 8
+    videos_per_class: int = 40
+    val_videos_per_class: int = 10
+    frames: int = 16
+    width: int = 80
+    height: int = 80
+    corrupt: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    layout: str = "ssv2"  # ssv2 | k400 | auto
+    root: str = ""  # dataset root; empty = generate a synthetic one (cached under cache_dir)
+    cache_dir: str = "~/.cache/mone"
+    train_split: str = "train"
+    val_split: str = "validation"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    num_frames: int = 8
+    sampling: str = "segment"  # segment (SSv2) | dense (K400)
+    stride: int = 2  # dense sampling only
+    short_side: int = 64
+    crop_size: int = 64
+    tubelet_t: int = 2
+    patch: int = 16
+    flip: bool = False  # never for SSv2: left/right is in the labels
+    decoder: str = "auto"  # auto | decord | pyav
+    decode_cpus: float = 0.25  # CPUs per decode task; leaves room for Train workers (STACK.md deadlock 1)
+    decode_concurrency: int = 2
+    max_error_fraction: float = 0.05
+    val_views: str = "1x1"  # temporal x spatial views at validation
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "vivit_tiny"
+    init_from: str = ""  # a ViT/ViViT/timm state dict (.pt/.pth/.safetensors) or an inference checkpoint
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {pool: gap, drop_path: 0.1}
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 12
+    batch_size: int = 16  # per worker
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class MoNEConfig:
+    dense: bool = False  # True: dense baseline (e_c = 1 every step), same config otherwise
+    train_budgets: list[float] = field(default_factory=lambda: list(PAPER_TRAIN_BUDGETS))
+    isoflops: bool = False  # sample budgets so expected FLOPs per step match e_c = isoflops_target
+    isoflops_target: float = 0.5
+    val_budgets: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.5, 1.0])
+    delta: float = 2.0
+    beta: float = 10.0
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on purpose: Ray Data needs CPU too (STACK.md deadlock 1)
+    gpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # empty = derived from the config name; re-running a name resumes it
+    storage_path: str = "runs"  # local dir, NFS mount, or s3:// / gs://
+    seed: int = 0
+    max_failures: int = 2
+    checkpoint_every: int = 1  # epochs
+    num_to_keep: int = 2
+    log_every: int = 10  # steps
+
+
+@dataclass
+class TrainConfig:
+    name: str = DEFAULT_CONFIG
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mone: MoNEConfig = field(default_factory=MoNEConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value or {}, path)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [v for v in str(value).split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["optim.lr=3e-4", "mone.val_budgets=[0.3,1.0]"]` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. optim.epochs=3)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' not found: give a YAML path or one of: {available}")
+
+
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> TrainConfig:
+    path = resolve_config_path(name_or_path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("name", path.stem)
+    raw = _merge(raw, parse_overrides(overrides or []))
+    cfg = _from_dict(TrainConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    cfg = _from_dict(TrainConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_budget(e_c: float, path: str) -> None:
+    # Below 1/8 no capacity split exists: every token already sits on the D/8 expert.
+    if not (0.125 < e_c <= 1.0):
+        raise ConfigError(f"{path}: budget e_c={e_c} is out of range; effective capacity must be in (0.125, 1.0]")
+
+
+def _choice(value: str, allowed: tuple[str, ...], path: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no Ray: values, ranges, names, paths. Resource checks happen in train.check_resources."""
+    from models.vit import VARIANTS  # models/ is pure torch; importing it here costs ~1 s
+
+    if cfg.model.variant not in VARIANTS:
+        close = difflib.get_close_matches(cfg.model.variant, list(VARIANTS), n=3)
+        raise ConfigError(
+            f"model.variant: unknown variant '{cfg.model.variant}'"
+            + (f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(VARIANTS))}")
+        )
+    d = cfg.data
+    _choice(d.layout, ("ssv2", "k400", "auto"), "data.layout")
+    _choice(d.sampling, ("segment", "dense"), "data.sampling")
+    _choice(d.decoder, ("auto", "decord", "pyav"), "data.decoder")
+    if d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
+        raise ConfigError(f"data.root: dataset path '{d.root}' does not exist (leave it empty to use generated data)")
+    if d.crop_size % d.patch:
+        raise ConfigError(f"data.crop_size={d.crop_size} must be a multiple of data.patch={d.patch}")
+    if d.num_frames % d.tubelet_t:
+        raise ConfigError(f"data.num_frames={d.num_frames} must be a multiple of data.tubelet_t={d.tubelet_t}")
+    if not 0 <= d.max_error_fraction <= 1:
+        raise ConfigError(f"data.max_error_fraction={d.max_error_fraction} must be in [0, 1]")
+    try:
+        t, s = (int(v) for v in d.val_views.lower().split("x"))
+        assert t >= 1 and s >= 1
+    except (ValueError, AssertionError):
+        raise ConfigError(f"data.val_views='{d.val_views}' must look like 1x1 or 4x3 (temporal x spatial)") from None
+    m = cfg.mone
+    if not m.train_budgets:
+        raise ConfigError("mone.train_budgets is empty: give at least one budget, e.g. [0.3]")
+    for i, b in enumerate(m.train_budgets):
+        _check_budget(b, f"mone.train_budgets[{i}]")
+    for i, b in enumerate(m.val_budgets):
+        _check_budget(b, f"mone.val_budgets[{i}]")
+    _check_budget(m.isoflops_target, "mone.isoflops_target")
+    o = cfg.optim
+    for name in ("epochs", "batch_size"):
+        if getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name}={getattr(o, name)} must be >= 1")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be > 0")
+    s = cfg.scaling
+    if s.num_workers < 1:
+        raise ConfigError(f"scaling.num_workers={s.num_workers} must be >= 1")
+    if s.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"scaling.zero_stage={s.zero_stage} must be 0, 1, 2 or 3")
+    _choice(s.precision, ("auto", "fp32", "bf16"), "scaling.precision")
+    if not s.use_gpu and s.precision == "bf16":
+        # bf16 matmuls ran ~5x slower than fp32 on these CPUs (no bf16 units).
+        raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true; on CPU use fp32 (or auto)")
+
+
+def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
