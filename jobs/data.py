@@ -1,0 +1,211 @@
+"""Data glue for the jobs: the embedded synthetic dataset, manifests, Ray Data streams, batches on the worker.
+
+pipeline/ does the work (manifests, decoding, sampling, tokens, Ray Data); this module only chooses what the
+job asks for from the config and hands the streams to Ray Train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.config import TrainConfig
+
+
+@dataclass
+class PreparedData:
+    root: str
+    layout: str
+    labels: list[str]
+    train_manifest: Any  # pyarrow.Table
+    val_manifest: Any
+    train_clip: dict[str, Any]
+    eval_clip: dict[str, Any]
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def num_train(self) -> int:
+        return self.train_manifest.num_rows
+
+    @property
+    def num_val(self) -> int:
+        return self.val_manifest.num_rows
+
+
+def budget_probabilities(budgets: list[float], target: float | None) -> list[float]:
+    """Sampling probabilities over the training budgets.
+
+    `target=None`: uniform (the paper). Otherwise the isoFLOPs schedule: the maximum-entropy distribution
+    p_i ∝ exp(λ e_i) whose mean budget is `target`, so the expected compute per step equals that of a model
+    trained at e_c = target while every budget is still seen.
+    """
+    import numpy as np
+
+    e = np.asarray(budgets, dtype=np.float64)
+    if target is None or len(e) == 1:
+        return [1.0 / len(e)] * len(e)
+    if not e.min() <= target <= e.max():
+        raise ValueError(f"isoflops target {target} is outside the training budgets [{e.min()}, {e.max()}]")
+
+    def mean(lam: float) -> tuple[float, np.ndarray]:
+        w = np.exp(lam * (e - e.mean()))
+        p = w / w.sum()
+        return float(p @ e), p
+
+    lo, hi = -200.0, 200.0  # mean(λ) is increasing in λ: bisection
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mean(mid)[0] < target:
+            lo = mid
+        else:
+            hi = mid
+    return mean(0.5 * (lo + hi))[1].tolist()
+
+
+def split_config():
+    """Every dataset is split across workers with equal row counts (Ray's streaming_split(equal=True)):
+    with drop_last, every rank takes the same number of steps, so no collective waits on a missing rank."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split="all")
+
+
+def _collate(batch: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    return {
+        "tokens": torch.from_numpy(np.ascontiguousarray(batch["tokens"])),  # (B, V, L, K) uint8
+        "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)),  # (B,)
+        "path": [str(p) for p in batch["path"]],
+    }
+
+
+def iter_batches(shard, batch_size: int, device, *, train: bool) -> Iterator[dict[str, Any]]:
+    """Batches of a worker's shard, on its device. Training drops the last partial batch (equal step counts)."""
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=train, collate_fn=_collate,
+                                          prefetch_batches=2):
+        yield {
+            "tokens": batch["tokens"].to(device, non_blocking=True),
+            "label": batch["label"].to(device, non_blocking=True),
+            "path": batch["path"],
+        }
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def synthetic_root(cfg: TrainConfig) -> Path:
+    """Where the embedded dataset for this config lives: one folder per distinct set of synth settings."""
+    key = json.dumps({"layout": cfg.data.layout, **asdict(cfg.data.synth)}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    layout = "ssv2" if cfg.data.layout == "auto" else cfg.data.layout
+    return Path(cfg.data.cache_dir).expanduser() / f"synth-{layout}-{digest}"
+
+
+def ensure_synthetic(cfg: TrainConfig) -> Path:
+    """Generates the synthetic dataset once (into a temporary folder renamed into place), then reuses it."""
+    import shutil
+    import tempfile
+
+    from pipeline.synth import generate
+
+    root = synthetic_root(cfg)
+    if (root / "synth.json").is_file():
+        return root
+    s = cfg.data.synth
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    print(f"[mone] generating the synthetic {root.name.split('-')[1]} dataset ({s.classes} classes x "
+          f"{s.videos_per_class} train videos) into {root} (once; cached)", flush=True)
+    try:
+        generate(tmp, layout="ssv2" if cfg.data.layout == "auto" else cfg.data.layout, classes=s.classes,
+                 videos_per_class=s.videos_per_class, val_videos_per_class=s.val_videos_per_class,
+                 test_videos_per_class=0, corrupt=s.corrupt, width=s.width, height=s.height, frames=s.frames,
+                 seed=s.seed)
+        if root.exists():  # another process won the race: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def clip_spec_dict(cfg: TrainConfig, *, train: bool) -> dict[str, Any]:
+    d = cfg.data
+    t_views, s_views = (1, 1) if train else (int(v) for v in d.val_views.lower().split("x"))
+    return {
+        "num_frames": d.num_frames, "sampling": d.sampling, "stride": d.stride, "short_side": d.short_side,
+        "crop_size": d.crop_size, "tubelet_t": d.tubelet_t, "patch": d.patch, "train": train,
+        "flip": d.flip and train, "temporal_views": t_views, "spatial_views": s_views,
+    }
+
+
+def prepare(cfg: TrainConfig) -> PreparedData:
+    """Dataset root (generated if the config names none) -> train/val manifests and the label map."""
+    from pipeline.manifest import build_manifest
+
+    root = str(ensure_synthetic(cfg)) if not cfg.data.root else cfg.data.root
+    m = build_manifest(root, cfg.data.layout)
+    from pipeline.manifest import select_split
+
+    train = select_split(m.table, cfg.data.train_split)
+    val = select_split(m.table, cfg.data.val_split)
+    for name, table, split in (("train", train, cfg.data.train_split), ("val", val, cfg.data.val_split)):
+        if table.num_rows == 0:
+            splits = sorted(set(m.table.column("split").to_pylist()))
+            raise ValueError(f"data: the {name} split '{split}' of {root} has no videos; splits found: {splits} "
+                             f"(set data.train_split / data.val_split)")
+    return PreparedData(root=root, layout=m.layout, labels=list(m.labels), train_manifest=train, val_manifest=val,
+                        train_clip=clip_spec_dict(cfg, train=True), eval_clip=clip_spec_dict(cfg, train=False),
+                        missing=list(m.missing))
+
+
+def ray_datasets(cfg: TrainConfig, data: PreparedData) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The train and val streams, and their error logs (actors the workers and the driver share).
+
+    Training randomness (sampling offsets, crops, flips, order) is seeded per clip from (seed, epoch, path); the
+    workers tell the train log the epoch they are in. Validation is fixed (epoch 0, test-mode sampling)."""
+    from pipeline.dataset import ErrorLog, build_dataset
+    from pipeline.sampling import ClipSpec
+
+    d = cfg.data
+    datasets, logs = {}, {}
+    for name, manifest, clip, epoch in (("train", data.train_manifest, data.train_clip, None),
+                                        ("val", data.val_manifest, data.eval_clip, 0)):
+        logs[name] = ErrorLog(manifest.num_rows, d.max_error_fraction)
+        datasets[name] = build_dataset(
+            manifest, ClipSpec(**clip), decoder=d.decoder, concurrency=(1, max(1, d.decode_concurrency)),
+            num_cpus_per_task=d.decode_cpus, seed=cfg.run.seed, epoch=epoch, error_log=logs[name],
+            max_error_fraction=d.max_error_fraction,
+        )
+    return datasets, logs
+
+
+def write_errors(logs: dict[str, Any], run_dir: str) -> int:
+    """errors.parquet in the run directory (path, stage, error; one row per bad file); returns its row count."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from jobs import run_files
+    from pipeline.dataset import ERRORS_FILE, errors_table
+
+    rows = []
+    for log in logs.values():
+        rows += log.errors()
+    seen, unique = set(), []
+    for r in rows:
+        if r["path"] not in seen:
+            seen.add(r["path"])
+            unique.append({"path": r["path"], "stage": r["stage"], "error": r["error"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(errors_table(unique), Path(tmp) / ERRORS_FILE)
+        run_files.write_bytes(run_files.join(run_dir, ERRORS_FILE), (Path(tmp) / ERRORS_FILE).read_bytes())
+    return len(unique)
