@@ -131,6 +131,7 @@ class _NestedOutResidual(torch.autograd.Function):
         for a, b, d in bounds:
             g = gout[a:b, :d].to(dt)  # (k, d)
             gbranch.append(g if scale is None else g * scale[a:b, None].to(dt))
+        acc = torch.promote_types(dt, torch.float32)  # sums in at least fp32 (bf16 under autocast)
         gh = gw = gb = gs = None
         if need_h:
             gh = torch.empty_like(h)  # (M, Din)
@@ -141,14 +142,14 @@ class _NestedOutResidual(torch.autograd.Function):
             parts = ((g.t(), h[a:b], d) for (a, b, d), g in zip(bounds, gbranch, strict=True))
             gw = _accumulate_slices(weight.shape, dt, h.device, parts, cols=False).to(ctx.dtypes[1])
         if need_b:
-            gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device)  # (D,)
+            gb = torch.zeros(weight.shape[0], dtype=acc, device=h.device)  # (D,)
             for (_, _, d), g in zip(bounds, gbranch, strict=True):
-                gb[:d] += g.sum(0, dtype=torch.float32)
+                gb[:d] += g.sum(0, dtype=acc)
             gb = gb.to(ctx.dtypes[2])
         if need_s:
-            gs = torch.zeros(gout.shape[0], dtype=torch.float32, device=gout.device)  # (M,)
+            gs = torch.zeros(gout.shape[0], dtype=acc, device=gout.device)  # (M,)
             for (a, b, d), y in zip(bounds, ys, strict=True):
-                gs[a:b] = (gout[a:b, :d].to(y.dtype) * y).sum(-1, dtype=torch.float32)
+                gs[a:b] = (gout[a:b, :d].to(y.dtype) * y).sum(-1, dtype=acc)
             gs = gs.to(ctx.dtypes[3])
         return gout, gh, gw, gb, gs, None
 

@@ -162,7 +162,8 @@ class _MoNEEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix + N, D))  # like timm: prefix first
         self.router = Router(D, cfg.num_experts)
-        self.alpha = nn.Parameter(torch.zeros(()))  # router scaling of the MLP branch, learnable from 0
+        # Shape (1,), not (): DeepSpeed broadcasts parameters as bytes and cannot view a 0-dim tensor.
+        self.alpha = nn.Parameter(torch.zeros(1))  # router scaling of the MLP branch, learnable from 0
         n = cfg.depth + cfg.temporal_depth
         dpr = [cfg.drop_path * i / max(n - 1, 1) for i in range(n)]  # linear stochastic-depth schedule, like timm
         self.blocks = nn.ModuleList(NestedBlock(D, cfg.num_heads, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth))
@@ -179,6 +180,17 @@ class _MoNEEncoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def router_alpha(self) -> Tensor:
+        """alpha kept in [0, 1) in the forward; straight-through gradient, so an optimiser step that overshoots
+        below 0 (the init) is not stuck there the way a plain clamp's zero gradient would leave it."""
+        a = self.alpha
+        return a + (a.clamp(0.0, 1.0 - 1e-6) - a).detach()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters a recipe should not decay (timm convention): embeddings, tokens and alpha."""
+        names = {"pos_embed", "cls_token", "alpha", "temporal_pos_embed", "temporal_cls_token"}
+        return {n for n, _ in self.named_parameters() if n in names}
 
     # --- embedding -------------------------------------------------------------------------------------
     def embed_tokens(self, tokens: Tensor) -> Tensor:
@@ -249,9 +261,8 @@ class _MoNEEncoder(nn.Module):
                 bounds[-1] = (bounds[-1][0], S * G, self.widths[-1])
             else:
                 bounds.append((N * G, S * G, self.widths[-1]))
-        # MLP scale alpha*r + 1, alpha in [0, 1); prefix rows are not routed and keep scale 1.
-        alpha = self.alpha.clamp(0.0, 1.0 - 1e-6)
-        gate = alpha * routing.gate + 1.0  # (N, G)
+        # MLP scale alpha*r + 1, prefix rows are not routed and keep scale 1.
+        gate = self.router_alpha() * routing.gate + 1.0  # (N, G)
         if S > N:
             gate = torch.cat([gate, gate.new_ones(S - N, G)], dim=0)  # (S, G)
         return ExpertRows(bounds=tuple(bounds), gate=gate.to(like.dtype), batch=B)
