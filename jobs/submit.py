@@ -433,7 +433,7 @@ def follow_logs(client, job_id: str, keep_lines: int = 400) -> str:
 
     try:
         asyncio.run(stream())
-    except RuntimeError as exc:  # the websocket dropped: the caller falls back to polling
+    except Exception as exc:  # the websocket dropped (RuntimeError, aiohttp errors): the caller polls instead
         _say(f"log stream interrupted ({exc}); waiting for the job's status instead")
     if partial:
         kept.append(partial)
