@@ -11,6 +11,8 @@ temporal encoder and head start fresh.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,13 @@ def resample_pos_embed(pos: Tensor, new_grid: int, num_prefix: int) -> Tensor:
     if P_old == 0:
         prefix = grid.new_zeros(1, num_prefix, D)
     return torch.cat([prefix[:, :num_prefix], grid], dim=1)
+
+
+def resample_temporal_pos_embed(pos: Tensor, new_len: int, num_prefix: int) -> Tensor:
+    """(1, P + T', D) -> (1, P + new_len, D): linear interpolation over time, prefix (temporal CLS) kept."""
+    prefix, seq = pos[:, :num_prefix], pos[:, num_prefix:]
+    seq = F.interpolate(seq.float().transpose(1, 2), size=new_len, mode="linear", align_corners=False)  # (1, D, T'')
+    return torch.cat([prefix, seq.transpose(1, 2).to(pos.dtype)], dim=1)
 
 
 def inflate_patch_kernel(w2d: Tensor, t: int, method: str = "central") -> Tensor:
@@ -85,3 +94,58 @@ def load_timm_vit(model: nn.Module, state_dict: dict[str, Tensor], inflate: str 
         del mapped[k]
     model.load_state_dict(mapped, strict=False)
     return sorted(set(own) - set(mapped))
+
+
+def _unwrap(sd: dict) -> dict[str, Tensor]:
+    """Common checkpoint wrappers: {'model': sd}, {'state_dict': sd}, {'module': sd}; DDP's 'module.' prefix."""
+    for key in ("model", "state_dict", "module"):
+        if key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict from .pt/.pth/.bin (torch.load, tensors only), .safetensors, or an inference checkpoint
+    directory (its model.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    return _unwrap(torch.load(p, map_location="cpu", weights_only=True))
+
+
+def load_pretrained(
+    model: nn.Module, source: str | os.PathLike | dict[str, Tensor], inflate: str = "central"
+) -> list[str]:
+    """Start a MoNE model from a checkpoint: a MoNE ViT/ViViT state dict (ours), or a timm/plain ViT one
+    (mapped, and inflated into a ViViT's spatial encoder). Position embeddings are resampled to the model's
+    grid; a head with another class count is skipped. Returns the model keys left at their initialisation."""
+    sd = _unwrap(source) if isinstance(source, dict) else read_state_dict(source)
+    cfg = model.cfg
+    ours = "router.proj.weight" in sd
+    same_kind = ours and (sd["patch_embed.proj.weight"].dim() == 5) == cfg.video
+    if not same_kind:  # a plain/timm ViT, or our MoNE ViT going into a ViViT: the ViT path
+        if ours:  # our ViT names -> timm names, then the timm mapping
+            rename = {"head.norm.weight": "norm.weight", "head.norm.bias": "norm.bias"}
+            rename |= {"head.fc.weight": "head.weight", "head.fc.bias": "head.bias"}
+            sd = {rename.get(k, k): v for k, v in sd.items() if not k.startswith(("router.", "alpha"))}
+        return load_timm_vit(model, sd, inflate)
+    own = model.state_dict()
+    sd = dict(sd)
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], cfg.grid, cfg.num_prefix)
+    if cfg.video and sd.get("temporal_pos_embed", own["temporal_pos_embed"]).shape != own["temporal_pos_embed"].shape:
+        sd["temporal_pos_embed"] = resample_temporal_pos_embed(
+            sd["temporal_pos_embed"], cfg.temporal_tokens, cfg.num_prefix
+        )
+    for k in [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]:
+        if not k.startswith("head."):
+            raise ValueError(f"{k}: checkpoint shape {tuple(sd[k].shape)} does not fit the model")
+        del sd[k]  # a head for other classes
+    model.load_state_dict(sd, strict=False)
+    return sorted(set(own) - set(sd))

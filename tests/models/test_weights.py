@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from models.vit import create_model
-from models.weights import inflate_patch_kernel, load_timm_vit, resample_pos_embed
+from models.weights import inflate_patch_kernel, load_pretrained, load_timm_vit, resample_pos_embed
 
 TIMM_PAIRS = [  # (timm name, ours, extra kwargs for both: L keeps its width and heads, fewer blocks for time)
     ("vit_tiny_patch16_224", "vit_ti16", {}),
@@ -78,3 +78,32 @@ def test_pretrained_at_another_resolution_loads(timm):
     model = create_model("vivit_ti16", num_classes=5, img_size=64, num_frames=4)
     load_timm_vit(model, ref.state_dict())
     assert model.pos_embed.shape == (1, 17, 192)
+
+
+def test_load_pretrained_from_files(timm, tmp_path):
+    torch.manual_seed(0)
+    src = create_model("vivit_tiny", num_classes=4).eval()
+    src.alpha.data.fill_(0.3)
+    torch.save(src.state_dict(), tmp_path / "mone.pt")
+    dst = create_model("vivit_tiny", num_classes=4).eval()
+    assert load_pretrained(dst, tmp_path / "mone.pt") == []
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x, 0.3), src(x, 0.3))
+    # other classes and frames: head left fresh, temporal positions interpolated
+    other = create_model("vivit_tiny", num_classes=9, num_frames=16)
+    assert load_pretrained(other, {"model": src.state_dict()}) == ["head.fc.bias", "head.fc.weight"]
+    assert other.temporal_pos_embed.shape == (1, 9, 128)
+    # a timm ViT state dict file, inflated into a ViViT; our own MoNE ViT too
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    torch.save({"state_dict": vit.state_dict()}, tmp_path / "timm.pth")
+    video = create_model("vivit_ti16", num_classes=4, img_size=32, num_frames=4)
+    assert "blocks.0.attn.qkv.weight" not in load_pretrained(video, tmp_path / "timm.pth")
+    torch.testing.assert_close(video.blocks[3].mlp.fc1.weight, vit.blocks[3].mlp.fc1.weight)
+    ours_vit = create_model("vit_tiny", num_classes=4)
+    video_tiny = create_model("vivit_tiny", num_classes=4)
+    left = load_pretrained(video_tiny, ours_vit.state_dict())
+    assert "spatial_norm.weight" not in left and "router.proj.weight" in left
+    torch.testing.assert_close(video_tiny.spatial_norm.weight, ours_vit.head.norm.weight)
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(video_tiny, tmp_path / "missing.pt")
