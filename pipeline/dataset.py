@@ -216,6 +216,11 @@ class _ErrorLogActor:
         self.errors: list[tuple[int, str, str, str]] = []  # (epoch, path, stage, error)
         self.good: Counter = Counter()
         self.bad: Counter = Counter()
+        self.crashed_paths: set[str] = set()
+        self.crash_seen: set[tuple[int, str]] = set()
+
+    def crashed(self) -> set[str]:
+        return self.crashed_paths
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -226,8 +231,14 @@ class _ErrorLogActor:
     def add(self, epoch: int, good: int, errors: list[tuple[str, str, str]]) -> str | None:
         """Records a batch's outcome; returns the TooManyErrors message once the epoch is over budget."""
         self.good[epoch] += good
-        self.bad[epoch] += len(errors)
-        self.errors += [(epoch, *e) for e in errors]
+        for path, stage, msg in errors:
+            if msg == CRASH_ERROR:
+                if (epoch, path) in self.crash_seen:
+                    continue  # a retried batch reports its crashed file again
+                self.crash_seen.add((epoch, path))
+                self.crashed_paths.add(path)
+            self.bad[epoch] += 1
+            self.errors.append((epoch, path, stage, msg))
         if self.max_fraction is not None and self.bad[epoch] > error_budget(self.total, self.max_fraction):
             errs = [ClipError(p, s, m) for ep, p, s, m in self.errors if ep == epoch]
             return too_many_errors_message(errs, self.total, self.max_fraction, where=f" in epoch {epoch}")
@@ -274,6 +285,48 @@ class ErrorLog:
         return write_errors(self.errors(), out)
 
 
+class _CrashGuard:
+    """Remembers, in a node-local file, which video this actor is decoding. If a native decoder kills the
+    process (segfault, abort), Ray restarts the actor, which finds the file, reports that video as an error and
+    skips it from then on: one crashing file costs one restart, never an endless retry loop."""
+
+    def __init__(self):
+        import tempfile
+
+        import ray
+
+        try:
+            aid = ray.get_runtime_context().get_actor_id()
+        except Exception:
+            aid = None
+        self.file = Path(tempfile.gettempdir()) / f"mone-decode-{aid}.inflight" if aid else None
+
+    def left_over(self) -> tuple[int, str] | None:
+        """(epoch, path) a previous incarnation of this actor died on, if any."""
+        if self.file is None or not self.file.exists():
+            return None
+        try:
+            epoch, _, path = self.file.read_text().partition("\t")
+            self.file.unlink()
+            return int(epoch), path
+        except (OSError, ValueError):
+            return None
+
+    def begin(self, epoch: int, path: str) -> None:
+        if self.file is not None:
+            self.file.write_text(f"{epoch}\t{path}")
+
+    def clear(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.file.unlink()
+
+
+CRASH_ERROR = "CrashError: the decoder process died while reading this file (native crash); skipped"
+# Tests only: a path containing this marker kills the decode actor (exercises the crash guard).
+_CRASH_MARKER = os.environ.get("MONE_TEST_CRASH_MARKER", "")
+
+
 class ClipLoader:
     """Ray Data class UDF: a batch of manifest rows -> a batch of token clips (bad rows dropped and logged)."""
 
@@ -284,6 +337,19 @@ class ClipLoader:
         self.decoder, self.seed, self.fixed_epoch = decoder, seed, epoch
         self.log = error_log
         self.keep_errors = keep_errors
+        self.guard = _CrashGuard()
+        self.skip: set[str] = set()
+        died_on = self.guard.left_over()
+        if died_on is not None:
+            self.skip.add(died_on[1])
+            if self.log is not None:
+                import ray
+
+                ray.get(self.log.actor.add.remote(died_on[0], 0, [(died_on[1], "decode", CRASH_ERROR)]))
+        if self.log is not None:
+            import ray
+
+            self.skip |= ray.get(self.log.actor.crashed.remote())
 
     def _epoch(self) -> int:
         if self.fixed_epoch is not None:
@@ -300,15 +366,21 @@ class ClipLoader:
         for path, label in zip(batch["path"], batch["label"], strict=True):
             path = str(path)
             try:
+                if path in self.skip:
+                    raise _Crashed(CRASH_ERROR)
+                self.guard.begin(epoch, path)
+                if _CRASH_MARKER and _CRASH_MARKER in path:
+                    os.abort()
                 tokens.append(load_clip(path, self.spec, decoder=self.decoder, rng=clip_rng(self.seed, epoch, path)))
                 labels.append(int(label))
                 paths.append(path)
             except Exception as e:  # noqa: BLE001 - one bad file never stops the stream
-                errs.append((path, stage_of(e), _error_text(e)))
+                errs.append((path, stage_of(e), CRASH_ERROR if isinstance(e, _Crashed) else _error_text(e)))
                 if self.keep_errors:
                     tokens.append(np.zeros(self.spec.tokens_shape, np.uint8))
                     labels.append(int(label))
                     paths.append(path)
+        self.guard.clear()
         if self.log is not None:
             import ray
 
@@ -327,6 +399,17 @@ class ClipLoader:
             out["error"] = np.asarray([bad.get(p, ("", ""))[1] for p in paths], dtype=object)
             out["stage"] = np.asarray([bad.get(p, ("", ""))[0] for p in paths], dtype=object)
         return out
+
+
+MAX_ACTOR_RESTARTS = 8
+
+
+def _actor_options() -> dict:
+    return {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_ACTOR_RESTARTS}
+
+
+class _Crashed(RuntimeError):
+    stage = "decode"
 
 
 def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:
@@ -384,15 +467,19 @@ def build_dataset(
         ds = ds.randomize_block_order()
     if concurrency is None:  # autoscale from 1 actor up to one per CPU of the cluster
         concurrency = (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
     ds = ds.map_batches(
         ClipLoader,
         fn_constructor_kwargs={"spec": spec, "decoder": decoder, "seed": seed, "epoch": epoch,
                                "error_log": error_log, "keep_errors": keep_errors},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=num_cpus_per_task,
-        max_restarts=0,  # a decode crash is a bug to see, not something to retry forever
+        # Ray Data restarts crashed actors and retries their tasks forever by default; a file that crashes the
+        # decoder would loop. ClipLoader skips the file a crashed actor was reading (see _CrashGuard), and the
+        # restarts are bounded so a decoder that crashes on everything stops the job instead of spinning.
+        ray_remote_args_fn=_actor_options,
     )
     ds._mone_error_log = error_log
     return ds
@@ -415,8 +502,22 @@ def split_errors(ds) -> tuple:
 
 
 def torch_collate(batch: dict[str, np.ndarray]) -> dict:
-    """collate_fn for iter_torch_batches: tokens -> uint8 tensor (B, V, L, K), label -> int64 (B,), path -> list."""
+    """Batch of rows -> {"tokens": uint8 tensor (B, V, L, K), "label": int64 (B,), "path": list[str]}.
+    (Ray's default conversion fails on the string column: use `TorchCollate()` as iter_torch_batches' collate_fn.)"""
     import torch
 
     return {"tokens": torch.as_tensor(batch["tokens"]), "label": torch.as_tensor(batch["label"], dtype=torch.int64),
             "path": [str(p) for p in batch["path"]]}
+
+
+try:
+    from ray.data.collate_fn import NumpyBatchCollateFn as _NumpyCollate
+except ImportError:  # older Ray: a plain callable works there
+    _NumpyCollate = object
+
+
+class TorchCollate(_NumpyCollate):
+    """`ds.iter_torch_batches(batch_size=B, collate_fn=TorchCollate())` -> dicts as `torch_collate` gives."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        return torch_collate(batch)

@@ -76,6 +76,9 @@ class VideoInfo:
 
 
 def have_decord() -> bool:
+    # PyAV first: decord bundles its own ffmpeg/libvpx, and loaded first it breaks PyAV's libvpx-vp9 encoder.
+    import av  # noqa: F401
+
     try:
         import decord  # noqa: F401
     except Exception:  # ImportError, or a broken native library
@@ -123,8 +126,13 @@ def _header(path: str) -> tuple[int, int, int, float, float, str]:
 
 
 def _short(e: BaseException) -> str:
+    """One line, without the file name PyAV appends (the errors table has the path already)."""
     msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+    text = msg[0] if msg else ""
+    fn = getattr(e, "filename", None)
+    if fn:
+        text = text.replace(f": '{fn}'", "").replace(f": {fn!r}", "")
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 # --------------------------------------------------------------------------------------------------------- decord

@@ -236,20 +236,44 @@ def from_k400_csv(csv_paths: Sequence[str | os.PathLike], video_root: str | os.P
     names = list(labels) if labels is not None else sorted({e[0] for e in entries if e[0]})
     lookup = {n: i for i, n in enumerate(names)}
     index = index if index is not None else index_videos(video_root)
-    rows, missing = [], []
+    rows, missing, lost = [], [], []
+    where: dict[tuple[str, str], str] = {}  # (split, label) -> folder its clips were found in
     for label, ytid, start, end, split in entries:
         stem = f"{ytid}_{start:06d}_{end:06d}" if start is not None and end is not None else ytid
         paths = index.get(stem) or index.get(ytid)
         if not paths:
-            sub = video_root / split / label if label else video_root / split
-            missing.append(str(sub / f"{stem}.mp4"))
+            lost.append((split, label, stem))
             continue
         if label and label not in lookup:
             raise ManifestError(f"label {label!r} of {ytid} is not in the label map ({len(names)} classes)")
-        rows.append((_pick(paths, split, label), lookup.get(label, -1) if label else -1, label, ytid,
+        path = _pick(paths, split, label)
+        where.setdefault((split, label), os.path.dirname(path))
+        rows.append((path, lookup.get(label, -1) if label else -1, label, ytid,
                      float(start) if start is not None else 0.0, float(end) if end is not None else math.nan,
                      split))
+    # Report a missing clip where it would be: beside its class-mates, else following the tree the found clips
+    # use ({base}/{split}/{label}/, {base}/{label}/ or one flat folder), else under the root.
+    pattern = _tree_pattern(where)
+    for split, label, stem in lost:
+        folder = where.get((split, label)) or pattern(split, label) or str(video_root)
+        missing.append(os.path.join(folder, f"{stem}.mp4"))
     return _finish(rows, names, missing, "k400", video_root)
+
+
+def _tree_pattern(where: dict[tuple[str, str], str]):
+    for (split, label), folder in where.items():
+        p = Path(folder)
+        if label and p.name == label and p.parent.name == split:
+            base = p.parent.parent
+            return lambda s, lab: str(base / s / lab) if lab else str(base / s)
+        if label and p.name == label:
+            base = p.parent
+            return lambda s, lab: str(base / lab) if lab else str(base)
+    folders = set(where.values())
+    if len(folders) == 1:
+        only = next(iter(folders))
+        return lambda s, lab: only
+    return lambda s, lab: None
 
 
 def _int_or_none(v: str | None) -> int | None:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import string
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -181,6 +182,35 @@ def render_video(
 
 def encode_video(path: str, video: np.ndarray, *, fps: int, codec: str, gop: int) -> None:
     """Writes (T, H, W, 3) uint8 RGB with PyAV: codec 'h264' (-> libx264, .mp4) or 'vp9' (-> libvpx-vp9, .webm)."""
+    if codec == "vp9" and _vpx_clash():
+        return _in_fresh_python("encode", {"path": path, "fps": fps, "codec": codec, "gop": gop}, video)
+    _encode(path, video, fps=fps, codec=codec, gop=gop)
+
+
+def _vpx_clash() -> bool:
+    """decord bundles its own ffmpeg/libvpx; once it is loaded (and has decoded), PyAV's libvpx-vp9 encoder can
+    fail in this process ("avcodec_open2(libvpx-vp9) returned 22"). Then VP9 is encoded in a fresh interpreter."""
+    return "decord" in sys.modules
+
+
+def _in_fresh_python(what: str, kwargs: dict, video: np.ndarray | None = None):
+    """Runs encode/generate in a new interpreter that imports nothing but this module (no decord)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if video is not None:
+            np.save(Path(tmp) / "v.npy", video)
+        code = ("import json, sys, numpy as np; from pipeline import synth; a = json.loads(sys.argv[1]); "
+                "synth._encode(a.pop('path'), np.load(sys.argv[2]), **a) if sys.argv[3] == 'encode' "
+                "else synth.generate(**a)")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                             os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, "-c", code, json.dumps(kwargs), str(Path(tmp) / "v.npy"), what],
+                       check=True, env=env)
+
+
+def _encode(path: str, video: np.ndarray, *, fps: int, codec: str, gop: int) -> None:
     import av
 
     t, h, w, _ = video.shape
@@ -238,12 +268,12 @@ def _work(args: tuple) -> tuple[int, dict]:
     video, info = render_video(rng, classes[job.cls], width=width, height=height, frames=frames)
     if job.corrupt:
         tmp = job.path + ".good"
-        encode_video(tmp, video, fps=fps, codec=codec, gop=gop)
+        _encode(tmp, video, fps=fps, codec=codec, gop=gop)
         good = Path(tmp).read_bytes()
         os.remove(tmp)
         Path(job.path).write_bytes(_corrupt_bytes(job.corrupt, rng, good))
     else:
-        encode_video(job.path, video, fps=fps, codec=codec, gop=gop)
+        _encode(job.path, video, fps=fps, codec=codec, gop=gop)
     return job.index, info
 
 
@@ -288,6 +318,13 @@ def generate(
     """
     import time
 
+    if layout == "ssv2" and _vpx_clash():
+        kwargs = {k: v for k, v in locals().items() if k not in ("progress", "time")}
+        kwargs["out"] = str(kwargs["out"])
+        _in_fresh_python("generate", {**kwargs, "progress": False})
+        meta = json.loads((Path(out).expanduser().resolve() / "synth.json").read_text())
+        return SynthResult(**{k: meta[k] for k in ("root", "layout", "classes", "counts", "corrupt", "videos",
+                                                   "seconds")})
     t0 = time.perf_counter()
     if layout not in ("k400", "ssv2"):
         raise ValueError(f"layout={layout!r}: expected 'k400' or 'ssv2'")
@@ -350,7 +387,7 @@ def generate(
     args = [(j, cls_list, width, height, frames, fps, codec, gop) for j in jobs]
     infos: dict[int, dict] = {}
     bar = _progress(progress, total=len(jobs), desc=f"synth {layout}")
-    if workers > 1 and len(jobs) > 8:
+    if (workers > 1 and len(jobs) > 8):
         with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as ex:
             for i, info in ex.map(_work, args, chunksize=4):
                 infos[i] = info
