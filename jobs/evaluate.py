@@ -273,11 +273,14 @@ def load_archive(videos: str | os.PathLike, split: str | None = None, labels: Se
                 raise EvaluateError(f"--videos {p}: no videos found ({', '.join(pm.VIDEO_EXTS[:3])}, ...) and no "
                                     f"dataset layout ({e})") from None
             table = _plain_table(pm, sorted(x for paths in found.values() for x in paths))
-    if split and table.num_rows and set(table.column("split").to_pylist()) - {""}:
-        try:
-            table = pm.select_split(table, split)
-        except pm.ManifestError as e:
-            raise EvaluateError(f"--split {split}: {e}; pick one of those or drop --split") from None
+    if split and table.num_rows:
+        if set(table.column("split").to_pylist()) - {""}:
+            try:
+                table = pm.select_split(table, split)
+            except pm.ManifestError as e:
+                raise EvaluateError(f"--split {split}: {e}; pick one of those or drop --split") from None
+        else:
+            print(f"warning: --split {split} ignored: {p} has no splits (every video is evaluated)", file=sys.stderr)
     if table.num_rows == 0:
         raise EvaluateError(f"--videos {p}: the archive is empty" + (f" for split '{split}'" if split else "")
                             + " (no videos listed or found on disk)")
@@ -884,16 +887,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with --budget, only those e_c")
     p.add_argument("--views", default=None, help="TEMPORALxSPATIAL test views, e.g. 4x3 (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="predictions table, e.g. preds.parquet")
-    p.add_argument("--batch-videos", type=int, default=8, help="videos per chunk (one model batch, one part file)")
-    p.add_argument("--actors", type=int, default=1, help="model actors (one GPU each when the cluster has GPUs)")
+    p.add_argument("--batch-videos", type=int, default=8,
+                   help="videos per chunk: one model batch, one part file (default 8)")
+    p.add_argument("--actors", type=int, default=1,
+                   help="model actors, one GPU each when the cluster has GPUs (default 1)")
     p.add_argument("--actor-cpus", type=float, default=None, help="CPUs reserved per model actor (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per actor (default: its CPUs)")
-    p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decode task")
-    p.add_argument("--decoder", default="auto", choices=("auto", "decord", "pyav"))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decode task (default 0.5)")
+    p.add_argument("--decoder", default="auto", choices=("auto", "decord", "pyav"), help="default: auto")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: one GPU per actor when the Ray cluster has GPUs, else CPU")
     p.add_argument("--overwrite", action="store_true", help="discard parts of an earlier, different evaluation")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -916,7 +922,6 @@ def register(subparsers) -> None:
         "evaluate",
         help="run a trained model over an archive at chosen budgets; predictions as Parquet",
         description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=main)

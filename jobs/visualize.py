@@ -235,14 +235,14 @@ def visualize(checkpoint: str | os.PathLike, video: str | os.PathLike, out: str 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or its inference/ directory")
     p.add_argument("--video", required=True, help="one video file")
-    p.add_argument("--budget", default="0.3", help="effective capacity e_c (1.0 = dense)")
+    p.add_argument("--budget", default="0.3", help="effective capacity e_c, 1.0 = dense (default 0.3)")
     p.add_argument("--budgets", dest="budgets_file", default=None,
                    help="budgets.json from `mone tune budgets`: use its capacities for --budget")
-    p.add_argument("--out", default="routing.png", help="the PNG; the expert map goes next to it as .npy, "
-                                                        "the numbers as .json")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the expert colours")
+    p.add_argument("--out", default="routing.png", help="the PNG (default routing.png); the expert map goes next "
+                                                        "to it as .npy, the numbers as .json")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the expert colours (default 0.5)")
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels (default: ~192 px)")
-    p.add_argument("--decoder", default="auto", choices=("auto", "decord", "pyav"))
+    p.add_argument("--decoder", default="auto", choices=("auto", "decord", "pyav"), help="default: auto")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -267,7 +267,6 @@ def register(subparsers) -> None:
         "visualize",
         help="draw which expert each token of a clip is routed to (PNG + expert map .npy)",
         description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=main)
