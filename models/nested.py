@@ -176,6 +176,10 @@ def _accumulate_slices(shape, dtype, device, parts, cols: bool) -> Tensor:
     return gw
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def nested_in(x: Tensor, weight: Tensor, bias: Tensor, bounds: Bounds) -> Tensor:
     """(M, Din) -> (M, Dout); expert rows read only their first d channels."""
     return _NestedIn.apply(x, weight, bias, bounds)
@@ -186,6 +190,29 @@ def nested_out_residual(
 ) -> Tensor:
     """x (M, D) + [scale *] nested projection of h (M, Din) written into each row's first d channels."""
     return _NestedOutResidual.apply(x, h, weight, bias, scale, bounds)
+
+
+def nested_out_residual_(
+    x: Tensor, h: Tensor, weight: Tensor, bias: Tensor, bounds: Bounds, scale: Tensor | None = None
+) -> Tensor:
+    """In-place nested_out_residual for inference: adds into x's first d channels and never touches the rest,
+    so the residual stream is not copied (the out-of-place version copies all D channels of every row)."""
+    if _needs_grad(x, h, weight, bias, scale):
+        raise RuntimeError("nested_out_residual_ is for inference; use nested_out_residual under autograd")
+    dt = _compute_dtype(h)
+    with _no_autocast(x):
+        h, weight, bias = h.to(dt), weight.to(dt), bias.to(dt)
+        for a, b, d in bounds:
+            dst = x[a:b, :d]  # (k, d) strided view into the residual
+            if scale is None and dt == x.dtype:
+                dst.add_(bias[:d]).addmm_(h[a:b], weight[:d].t())  # x += b; x += h @ W^T (GEMM with beta = 1)
+            else:
+                y = torch.addmm(bias[:d], h[a:b], weight[:d].t())  # (k, d)
+                if scale is None:
+                    dst.add_(y)
+                else:
+                    dst.addcmul_(y, scale[a:b, None].to(y.dtype))
+    return x
 
 
 class NestedAttention(nn.Module):
@@ -238,12 +265,17 @@ class NestedBlock(nn.Module):
         mask = torch.empty(rows.batch, 1, device=like.device).bernoulli_(keep) / keep  # (B, 1)
         return mask.expand(rows.batch, G // rows.batch).reshape(1, G)  # (1, G): frames of one clip share it
 
-    def forward(self, x: Tensor, rows: ExpertRows) -> Tensor:
-        """x (S, G, D) expert-grouped, sequence-first -> (S, G, D)."""
+    def forward(self, x: Tensor, rows: ExpertRows, inplace: bool = False) -> Tensor:
+        """x (S, G, D) expert-grouped, sequence-first -> (S, G, D).
+
+        Without autograd the residual updates go into x's own memory: with inplace=True the caller hands x
+        over (the model does, for the buffer it owns), otherwise x is copied once first."""
         S, G, D = x.shape
         bounds = rows.bounds
         keep = self._keep(rows, G, x)
         x2 = x.reshape(S * G, D)  # (S*G, D)
+        if keep is None and not _needs_grad(x, *self.parameters(), rows.gate):
+            return self._forward_inference(x2 if inplace else x2.clone(), S, G, rows).view(S, G, D)
 
         h = F.layer_norm(x2, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps)  # (S*G, D)
         o = self.attn.mix(h, S, G, bounds)  # (S*G, D)
@@ -256,3 +288,15 @@ class NestedBlock(nn.Module):
         s_mlp = None if s_mlp is None else s_mlp.expand(S, G).reshape(S * G)  # (S*G,)
         x2 = nested_out_residual(x2, a, self.mlp.fc2.weight, self.mlp.fc2.bias, bounds, s_mlp)  # (S*G, D)
         return x2.view(S, G, D)
+
+    def _forward_inference(self, x2: Tensor, S: int, G: int, rows: ExpertRows) -> Tensor:
+        """The same block, residual updated in place in x2 (S*G, D); no drop path (eval)."""
+        D, bounds = x2.shape[1], rows.bounds
+        h = F.layer_norm(x2, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps)  # (S*G, D)
+        o = self.attn.mix(h, S, G, bounds)  # (S*G, D)
+        nested_out_residual_(x2, o, self.attn.proj.weight, self.attn.proj.bias, bounds)  # (S*G, D) in place
+        h = F.layer_norm(x2, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)  # (S*G, D)
+        a = F.gelu(nested_in(h, self.mlp.fc1.weight, self.mlp.fc1.bias, bounds))  # (S*G, 4D)
+        gate = None if rows.gate is None else rows.gate.reshape(S * G)  # (S*G,)
+        nested_out_residual_(x2, a, self.mlp.fc2.weight, self.mlp.fc2.bias, bounds, gate)  # (S*G, D) in place
+        return x2

@@ -244,7 +244,7 @@ class _MoNEEncoder(nn.Module):
 
         rows = self._expert_rows(routing, G, S, B, x)
         for blk in self.blocks:
-            x = blk(x, rows)  # (S, G, D)
+            x = blk(x, rows, inplace=True)  # (S, G, D); x is ours (made by the gather)
 
         pooled = x[N] if P else x.mean(0)  # (G, D): the CLS row, or GAP (order does not matter)
         return pooled, routing
@@ -322,7 +322,7 @@ class MoNEViViT(_MoNEEncoder):
         f = (f + self.temporal_pos_embed).transpose(0, 1).contiguous()  # (S_t, B, D) sequence-first
         rows = ExpertRows.dense(f.shape[0] * B, D, batch=B)
         for blk in self.temporal_blocks:
-            f = blk(f, rows)  # (S_t, B, D)
+            f = blk(f, rows, inplace=True)  # (S_t, B, D)
         pooled = f[0] if P else f.mean(0)  # (B, D)
         return self.head(pooled), routing  # (B, classes)
 

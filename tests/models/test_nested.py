@@ -96,3 +96,17 @@ def test_drop_path_drops_whole_samples():
     assert (delta[0] == 0) == (delta[1] == 0) and (delta[2] == 0) == (delta[3] == 0)
     blk.eval()
     assert torch.equal(blk(x, rows), blk(x, rows))
+
+
+def test_inference_path_equals_autograd_path_and_leaves_input():
+    blk, x, rows, _ = _grouped_block_case(seed=4)
+    want = blk(x, rows)  # parameters require grad: the autograd Functions
+    with torch.no_grad():
+        x0 = x.clone()
+        got = blk(x, rows)  # in-place residual on a private copy
+        assert torch.equal(x, x0)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        buf = x.clone()
+        out = blk(buf, rows, inplace=True)
+        assert out.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
