@@ -742,7 +742,7 @@ def run_evaluation(
          file=sys.stderr)
 
     stats = {"videos": 0, "errors": 0, "decode_s": 0.0, "model_s": 0.0, "run_s": 0.0, "first_s": 0.0,
-             "first_videos": 0}
+             "first_videos": 0, "results": 0}
     if todo:
         _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_view, labels, stats,
                 batch_videos=batch_videos, actors=actors, actor_cpus=actor_cpus, threads=threads,
@@ -761,7 +761,7 @@ def run_evaluation(
         "gflops_total": round(float(np.nansum(final.column("gflops").to_numpy(zero_copy_only=False))), 6),
         "seconds": round(time.perf_counter() - t_start, 3),
         "videos_per_s": round(stats["videos"] / run_s, 3) if stats["videos"] and run_s > 0 else None,
-        # after the first result: without actor start-up and model loading (None when there was one chunk)
+        # after each actor's first result: without actor start-up and model loading (None if too few chunks)
         "videos_per_s_steady": round((stats["videos"] - stats["first_videos"]) / (run_s - stats["first_s"]), 3)
         if stats["videos"] > stats["first_videos"] and run_s > stats["first_s"] else None,
         "decode_s": round(stats["decode_s"], 3),  # summed over decode tasks (they overlap with the model)
@@ -852,9 +852,10 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
                 t = chunk_table(chunks[cid], res, budgets, gflops_view, labels)
                 write_parquet_atomic(t, parts_dir / f"part-{cid:05d}.parquet")
                 n_err = int(sum(1 for e in json.loads(res["errors"]) if e))
-                if stats["videos"] == 0:  # steady state starts after the first result (actors started, model loaded)
-                    stats["first_s"], stats["first_videos"] = time.perf_counter() - t0, len(chunks[cid])
                 stats["videos"] += len(chunks[cid])
+                stats["results"] += 1
+                if stats["results"] == actors:  # every actor has started, loaded the model and returned once
+                    stats["first_s"], stats["first_videos"] = time.perf_counter() - t0, stats["videos"]
                 stats["errors"] += n_err
                 stats["decode_s"] += float(batch["decode_s"][r])
                 stats["model_s"] += float(batch["model_s"][r])
