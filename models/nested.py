@@ -19,7 +19,7 @@ all S tokens of a group with F.scaled_dot_product_attention; token order does no
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,15 @@ class ExpertRows:
     bounds: Bounds
     gate: Tensor | None = None  # (S, G) MLP branch scale alpha*r + 1 per row; None = 1
     batch: int = 1  # B, for per-sample drop path (the G groups are B samples x T' frames)
+    # Inference scratch buffers (qkv, hidden, attention out) shared by the blocks of one forward: fresh
+    # buffers of tens of MB cost page faults on every allocation, which a small expert's matmul cannot hide.
+    workspace: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buf = self.workspace.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.workspace[name] = like.new_empty(shape)
+        return buf
 
     @staticmethod
     def dense(num_rows: int, dim: int, batch: int = 1) -> ExpertRows:
@@ -55,6 +64,13 @@ def _no_autocast(t: Tensor):
     return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else nullcontext()
 
 
+def _nested_in_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, bounds: Bounds) -> Tensor:
+    for a, b, d in bounds:
+        # FLOPs: 2 * (b-a) * d * Dout
+        torch.addmm(bias, x[a:b, :d], weight[:, :d].t(), out=y[a:b])  # (k, d) @ (d, Dout) -> (k, Dout)
+    return y
+
+
 class _NestedIn(torch.autograd.Function):
     """y[r] = x[r, :d] @ W[:, :d].T + b for the rows r of each expert (width d)."""
 
@@ -64,10 +80,7 @@ class _NestedIn(torch.autograd.Function):
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
         with _no_autocast(x):
             x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
-            y = x.new_empty(x.shape[0], weight.shape[0])  # (M, Dout)
-            for a, b, d in bounds:
-                # FLOPs: 2 * (b-a) * d * Dout
-                torch.addmm(bias, x[a:b, :d], weight[:, :d].t(), out=y[a:b])  # (k, d) @ (d, Dout) -> (k, Dout)
+            y = _nested_in_into(x.new_empty(x.shape[0], weight.shape[0]), x, weight, bias, bounds)  # (M, Dout)
         ctx.save_for_backward(x, weight)
         ctx.bounds = bounds
         return y
@@ -180,9 +193,15 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def nested_in(x: Tensor, weight: Tensor, bias: Tensor, bounds: Bounds) -> Tensor:
-    """(M, Din) -> (M, Dout); expert rows read only their first d channels."""
-    return _NestedIn.apply(x, weight, bias, bounds)
+def nested_in(x: Tensor, weight: Tensor, bias: Tensor, bounds: Bounds, out: Tensor | None = None) -> Tensor:
+    """(M, Din) -> (M, Dout); expert rows read only their first d channels. `out` (inference only) is filled."""
+    if out is None:
+        return _NestedIn.apply(x, weight, bias, bounds)
+    if _needs_grad(x, weight, bias):
+        raise RuntimeError("nested_in(out=...) is for inference")
+    dt = _compute_dtype(x)
+    with _no_autocast(x):
+        return _nested_in_into(out, x.to(dt), weight.to(dt), bias.to(dt), bounds)
 
 
 def nested_out_residual(
@@ -227,14 +246,21 @@ class NestedAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def mix(self, h: Tensor, S: int, G: int, bounds: Bounds) -> Tensor:
-        """h (S*G, D) normed tokens -> attention output before proj, (S*G, D)."""
+    def mix(self, h: Tensor, S: int, G: int, bounds: Bounds, rows: ExpertRows | None = None) -> Tensor:
+        """h (S*G, D) normed tokens -> attention output before proj, (S*G, D). With rows (inference), the qkv
+        and output buffers come from its workspace."""
         H, hd = self.num_heads, self.head_dim
-        qkv = nested_in(h, self.qkv.weight, self.qkv.bias, bounds)  # (S*G, 3D)
+        D = H * hd
+        qkv_buf = None if rows is None else rows.buffer("qkv", (S * G, 3 * D), h)
+        qkv = nested_in(h, self.qkv.weight, self.qkv.bias, bounds, out=qkv_buf)  # (S*G, 3D)
         q, k, v = qkv.view(S, G, 3, H, hd).permute(2, 1, 3, 0, 4).unbind(0)  # 3 x (G, H, S, hd)
         # FLOPs: 2*S*S*D for q@k^T plus 2*S*S*D for attn@v, per group, at full width for every expert
-        o = F.scaled_dot_product_attention(q, k, v)  # (G, H, S, hd)
-        return o.permute(2, 0, 1, 3).reshape(S * G, H * hd)  # (S*G, D)
+        o = F.scaled_dot_product_attention(q, k, v).permute(2, 0, 1, 3)  # (G, H, S, hd) -> (S, G, H, hd)
+        if rows is None:
+            return o.reshape(S * G, D)  # (S*G, D)
+        out = rows.buffer("attn", (S * G, D), h)
+        out.view(S, G, H, hd).copy_(o)
+        return out  # (S*G, D)
 
 
 class NestedMlp(nn.Module):
@@ -293,10 +319,11 @@ class NestedBlock(nn.Module):
         """The same block, residual updated in place in x2 (S*G, D); no drop path (eval)."""
         D, bounds = x2.shape[1], rows.bounds
         h = F.layer_norm(x2, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps)  # (S*G, D)
-        o = self.attn.mix(h, S, G, bounds)  # (S*G, D)
+        o = self.attn.mix(h, S, G, bounds, rows)  # (S*G, D)
         nested_out_residual_(x2, o, self.attn.proj.weight, self.attn.proj.bias, bounds)  # (S*G, D) in place
         h = F.layer_norm(x2, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)  # (S*G, D)
-        a = F.gelu(nested_in(h, self.mlp.fc1.weight, self.mlp.fc1.bias, bounds))  # (S*G, 4D)
+        hidden = rows.buffer("hidden", (S * G, self.mlp.fc1.out_features), h)
+        a = torch.ops.aten.gelu_(nested_in(h, self.mlp.fc1.weight, self.mlp.fc1.bias, bounds, out=hidden))  # (S*G, 4D)
         gate = None if rows.gate is None else rows.gate.reshape(S * G)  # (S*G,)
         nested_out_residual_(x2, a, self.mlp.fc2.weight, self.mlp.fc2.bias, bounds, gate)  # (S*G, D) in place
         return x2
