@@ -68,12 +68,19 @@ def model_flops(
     return float(flops)
 
 
-def _register_cpu_sdpa() -> None:
+def _register_missing_formulas() -> None:
     """torch's flop counter has no formula for the CPU flash-attention kernel F.scaled_dot_product_attention
-    dispatches to; register the same formulas it uses for the CUDA kernels."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+    dispatches to, nor for in-place addmm_ (our inference residual update); register the same formulas it uses
+    for the CUDA attention kernels and for addmm."""
+    from torch.utils.flop_counter import mm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
+    if aten.addmm_ not in flop_registry:
+
+        @register_flop_formula(aten.addmm_)
+        def _addmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            return mm_flop(a_shape, b_shape)
+
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if fwd is not None and fwd not in flop_registry:
@@ -91,7 +98,7 @@ def _register_cpu_sdpa() -> None:
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs torch actually dispatches while running fn() (attention on CPU included)."""
-    _register_cpu_sdpa()
+    _register_missing_formulas()
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
