@@ -5,8 +5,9 @@ giving `tokens` uint8 `(V, L, K)` per clip (docs/interfaces.md).
 
 Ray Data (`build_dataset`)::
 
-    manifest (Arrow) --from_arrow, many small blocks--> map_batches(ClipLoader: class UDF, actor pool,
-    batch_size 4, num_cpus configurable/fractional) --streaming--> ray.train.get_dataset_shard(...).iter_torch_batches
+    manifest (Arrow) --from_arrow, many small blocks--> map_batches(ClipLoader: class UDF, batch_size 4,
+    num_cpus configurable/fractional, in a task pool (default) or an actor pool) --streaming-->
+    ray.train.get_dataset_shard(...).iter_torch_batches(collate_fn=TorchCollate())
 
 Rows: `tokens` uint8 (V, L, K), `label` int64, `path` str. A bad video never stops the stream: the UDF drops
 it from its output and records (path, stage, error) with an `ErrorLog` actor (a streaming dataset cannot be read
@@ -30,6 +31,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import uuid
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -216,11 +220,7 @@ class _ErrorLogActor:
         self.errors: list[tuple[int, str, str, str]] = []  # (epoch, path, stage, error)
         self.good: Counter = Counter()
         self.bad: Counter = Counter()
-        self.crashed_paths: set[str] = set()
         self.crash_seen: set[tuple[int, str]] = set()
-
-    def crashed(self) -> set[str]:
-        return self.crashed_paths
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -236,7 +236,6 @@ class _ErrorLogActor:
                 if (epoch, path) in self.crash_seen:
                     continue  # a retried batch reports its crashed file again
                 self.crash_seen.add((epoch, path))
-                self.crashed_paths.add(path)
             self.bad[epoch] += 1
             self.errors.append((epoch, path, stage, msg))
         if self.max_fraction is not None and self.bad[epoch] > error_budget(self.total, self.max_fraction):
@@ -286,70 +285,59 @@ class ErrorLog:
 
 
 class _CrashGuard:
-    """Remembers, in a node-local file, which video this actor is decoding. If a native decoder kills the
-    process (segfault, abort), Ray restarts the actor, which finds the file, reports that video as an error and
-    skips it from then on: one crashing file costs one restart, never an endless retry loop."""
+    """Remembers, in a node-local file named after the batch, which video is being decoded. If a native decoder
+    kills the process (segfault, abort), Ray retries the batch; the retry finds the file, reports that video as
+    an error and skips it: one crashing file costs one retry, never an endless retry loop (Ray Data retries
+    crashed tasks and restarts crashed actors forever by default)."""
 
-    def __init__(self):
+    def __init__(self, namespace: str):
         import tempfile
 
-        import ray
+        self.dir = Path(tempfile.gettempdir()) / f"mone-inflight-{namespace}"
+        self.file: Path | None = None
 
-        try:
-            aid = ray.get_runtime_context().get_actor_id()
-        except Exception:
-            aid = None
-        self.file = Path(tempfile.gettempdir()) / f"mone-decode-{aid}.inflight" if aid else None
-
-    def left_over(self) -> tuple[int, str] | None:
-        """(epoch, path) a previous incarnation of this actor died on, if any."""
-        if self.file is None or not self.file.exists():
-            return None
+    def start(self, paths: list[str]) -> tuple[int, str] | None:
+        """Opens the batch; returns (epoch, path) a previous attempt of this same batch died on, if any."""
+        key = zlib.crc32("\n".join(paths).encode())
+        self.file = self.dir / f"{key:08x}-{len(paths)}"
         try:
             epoch, _, path = self.file.read_text().partition("\t")
-            self.file.unlink()
             return int(epoch), path
         except (OSError, ValueError):
             return None
 
     def begin(self, epoch: int, path: str) -> None:
-        if self.file is not None:
+        try:
+            self.dir.mkdir(exist_ok=True)
             self.file.write_text(f"{epoch}\t{path}")
+        except OSError:  # a read-only /tmp only costs the guard
+            pass
 
     def clear(self) -> None:
         if self.file is not None:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 self.file.unlink()
 
 
 CRASH_ERROR = "CrashError: the decoder process died while reading this file (native crash); skipped"
-# Tests only: a path containing this marker kills the decode actor (exercises the crash guard).
+# Tests only: a path containing this marker kills the decode worker (exercises the crash guard).
 _CRASH_MARKER = os.environ.get("MONE_TEST_CRASH_MARKER", "")
 
 
 class ClipLoader:
-    """Ray Data class UDF: a batch of manifest rows -> a batch of token clips (bad rows dropped and logged)."""
+    """Ray Data class UDF: a batch of manifest rows -> a batch of token clips (bad rows dropped and logged).
+
+    Batch in: {"path": str, "label": int}. Batch out: {"tokens": uint8 (B, V, L, K), "label": int64 (B,),
+    "path": str (B,)} (+ "error", "stage" with keep_errors)."""
 
     def __init__(self, spec: ClipSpec | dict, decoder: str = "auto", seed: int = 0, epoch: int | None = 0,
-                 error_log: ErrorLog | None = None, keep_errors: bool = False):
-        _single_thread_torch()  # one decode+resize per CPU; parallelism comes from the actor pool
+                 error_log: ErrorLog | None = None, keep_errors: bool = False, guard: str = "default"):
         self.spec = spec if isinstance(spec, ClipSpec) else ClipSpec(**spec)
         self.decoder, self.seed, self.fixed_epoch = decoder, seed, epoch
         self.log = error_log
         self.keep_errors = keep_errors
-        self.guard = _CrashGuard()
-        self.skip: set[str] = set()
-        died_on = self.guard.left_over()
-        if died_on is not None:
-            self.skip.add(died_on[1])
-            if self.log is not None:
-                import ray
-
-                ray.get(self.log.actor.add.remote(died_on[0], 0, [(died_on[1], "decode", CRASH_ERROR)]))
-        if self.log is not None:
-            import ray
-
-            self.skip |= ray.get(self.log.actor.crashed.remote())
+        self.guard = _CrashGuard(guard)
+        self._threads_set = False
 
     def _epoch(self) -> int:
         if self.fixed_epoch is not None:
@@ -362,11 +350,13 @@ class ClipLoader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         epoch = self._epoch()
+        all_paths = [str(p) for p in batch["path"]]
+        died_on = self.guard.start(all_paths)
+        skip = {died_on[1]} if died_on else set()
         tokens, labels, paths, errs = [], [], [], []
-        for path, label in zip(batch["path"], batch["label"], strict=True):
-            path = str(path)
+        for path, label in zip(all_paths, batch["label"], strict=True):
             try:
-                if path in self.skip:
+                if path in skip:
                     raise _Crashed(CRASH_ERROR)
                 self.guard.begin(epoch, path)
                 if _CRASH_MARKER and _CRASH_MARKER in path:
@@ -380,6 +370,9 @@ class ClipLoader:
                     tokens.append(np.zeros(self.spec.tokens_shape, np.uint8))
                     labels.append(int(label))
                     paths.append(path)
+            if not self._threads_set and "torch" in sys.modules:  # torch is imported lazily (resizes only)
+                _single_thread_torch()  # one clip per CPU: parallelism comes from the worker pool
+                self._threads_set = True
         self.guard.clear()
         if self.log is not None:
             import ray
@@ -401,11 +394,27 @@ class ClipLoader:
         return out
 
 
-MAX_ACTOR_RESTARTS = 8
+_LOADERS: dict[str, ClipLoader] = {}
+
+
+def _load_clips_task(batch: dict[str, np.ndarray], *, key: str, loader_kwargs: dict) -> dict[str, np.ndarray]:
+    """compute='tasks': runs the ClipLoader class inside pooled Ray worker processes. One instance per process
+    and dataset, kept across tasks and epochs (the worker processes outlive an execution; actors do not)."""
+    loader = _LOADERS.get(key)
+    if loader is None:
+        loader = _LOADERS[key] = ClipLoader(**loader_kwargs)
+    return loader(batch)
+
+
+MAX_RETRIES = 8
 
 
 def _actor_options() -> dict:
-    return {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_ACTOR_RESTARTS}
+    return {"max_restarts": MAX_RETRIES, "max_task_retries": MAX_RETRIES}
+
+
+def _task_options() -> dict:
+    return {"max_retries": MAX_RETRIES}
 
 
 class _Crashed(RuntimeError):
@@ -431,6 +440,7 @@ def build_dataset(
     error_log: ErrorLog | None = None,
     max_error_fraction: float | None = DEFAULT_MAX_ERROR_FRACTION,
     keep_errors: bool = False,
+    compute: str = "tasks",
 ):
     """A streaming Ray Dataset of token clips: rows {tokens uint8 (V, L, K), label int64, path str}.
 
@@ -443,6 +453,10 @@ def build_dataset(
     rows_per_block: manifest rows per input block (default: batch_size, capped to ~2000 blocks).
     error_log: where errors go (default: a new ErrorLog; get it back with `error_log_of(ds)`).
     max_error_fraction: per-epoch failure budget (None: unlimited). keep_errors: keep bad rows (see module doc).
+    compute: how the ClipLoader class UDF runs. "tasks" (default): in pooled Ray worker processes, one instance
+    per process kept across tasks and epochs; "actors": a Ray Data actor pool (concurrency = (min, max) actors),
+    which Ray starts afresh for every execution, i.e. every epoch (imports + start-up: 1-10 s per epoch on a
+    busy 2-core machine; negligible on a real epoch, dominant on tiny ones).
     """
     import ray
 
@@ -468,19 +482,26 @@ def build_dataset(
     if concurrency is None:  # autoscale from 1 actor up to one per CPU of the cluster
         concurrency = (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
     lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
-    ds = ds.map_batches(
-        ClipLoader,
-        fn_constructor_kwargs={"spec": spec, "decoder": decoder, "seed": seed, "epoch": epoch,
-                               "error_log": error_log, "keep_errors": keep_errors},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=num_cpus_per_task,
-        # Ray Data restarts crashed actors and retries their tasks forever by default; a file that crashes the
-        # decoder would loop. ClipLoader skips the file a crashed actor was reading (see _CrashGuard), and the
-        # restarts are bounded so a decoder that crashes on everything stops the job instead of spinning.
-        ray_remote_args_fn=_actor_options,
-    )
+    loader_kwargs = {"spec": spec, "decoder": decoder, "seed": seed, "epoch": epoch, "error_log": error_log,
+                     "keep_errors": keep_errors, "guard": uuid.uuid4().hex[:12]}
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args_fn (removal planned for 2.64) without a named parameter for retries
+        # yet; without it the crash guard alone still guarantees progress.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if compute == "actors":
+            ds = ds.map_batches(
+                ClipLoader, fn_constructor_kwargs=loader_kwargs, batch_size=batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=num_cpus_per_task,
+                ray_remote_args_fn=_actor_options,
+            )
+        elif compute == "tasks":
+            ds = ds.map_batches(
+                _load_clips_task, fn_kwargs={"key": loader_kwargs["guard"], "loader_kwargs": loader_kwargs},
+                batch_size=batch_size, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=hi),
+                num_cpus=num_cpus_per_task, ray_remote_args_fn=_task_options,
+            )
+        else:
+            raise ValueError(f"compute={compute!r}: expected 'tasks' or 'actors'")
     ds._mone_error_log = error_log
     return ds
 
@@ -506,18 +527,32 @@ def torch_collate(batch: dict[str, np.ndarray]) -> dict:
     (Ray's default conversion fails on the string column: use `TorchCollate()` as iter_torch_batches' collate_fn.)"""
     import torch
 
-    return {"tokens": torch.as_tensor(batch["tokens"]), "label": torch.as_tensor(batch["label"], dtype=torch.int64),
+    tokens = np.require(batch["tokens"], requirements="W")  # Ray hands out read-only arrays; torch wants writable
+    return {"tokens": torch.from_numpy(tokens), "label": torch.as_tensor(batch["label"], dtype=torch.int64),
             "path": [str(p) for p in batch["path"]]}
 
 
-try:
-    from ray.data.collate_fn import NumpyBatchCollateFn as _NumpyCollate
-except ImportError:  # older Ray: a plain callable works there
-    _NumpyCollate = object
+def __getattr__(name: str):
+    # TorchCollate subclasses a ray.data class; importing ray.data costs seconds, so it is built on first use
+    # (the decode workers import this module and never need it).
+    if name == "TorchCollate":
+        global TorchCollate
+        TorchCollate = _make_torch_collate()
+        return TorchCollate
+    raise AttributeError(name)
 
 
-class TorchCollate(_NumpyCollate):
-    """`ds.iter_torch_batches(batch_size=B, collate_fn=TorchCollate())` -> dicts as `torch_collate` gives."""
+def _make_torch_collate():
+    try:
+        from ray.data.collate_fn import NumpyBatchCollateFn as base
+    except ImportError:  # older Ray: a plain callable works there
+        base = object
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return torch_collate(batch)
+    class TorchCollate(base):
+        """`ds.iter_torch_batches(batch_size=B, collate_fn=TorchCollate())` -> dicts as `torch_collate` gives."""
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+            return torch_collate(batch)
+
+    TorchCollate.__module__, TorchCollate.__qualname__ = __name__, "TorchCollate"
+    return TorchCollate

@@ -8,10 +8,14 @@ A Conv3d(3, D, kernel=(t,p,p), stride=(t,p,p)) with weight W (D, 3, t, p, p) equ
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
-Clip = np.ndarray | torch.Tensor
+import numpy as np
+
+if TYPE_CHECKING:  # torch is optional here: importing it costs seconds in every fresh decode worker
+    import torch
+
+Clip = Any  # np.ndarray | torch.Tensor
 
 
 def tubelet_patchify(clip: Clip, t: int = 2, p: int = 16) -> Clip:
@@ -40,6 +44,6 @@ def tubelet_unpatchify(tokens: Clip, grid: tuple[int, int, int], t: int = 2, p: 
     return x.reshape(*lead, tt * t, gh * p, gw * p, c)
 
 
-def conv_weight_as_linear(weight: torch.Tensor) -> torch.Tensor:
+def conv_weight_as_linear(weight: torch.Tensor) -> torch.Tensor:  # noqa: F821
     """A Conv3d patch-embedding weight (D, 3, t, p, p) as the (D, t*p*p*3) matrix that acts on our tokens."""
     return weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1)

@@ -1,35 +1,42 @@
 """Spatial transforms on uint8 clips `(T, H, W, 3)` (numpy or torch; the result has the input's type).
 
 Clips stay uint8 end to end (4x less memory and object-store traffic than float32); normalisation to the
-model's mean/std happens in the model. Resizing is bilinear with antialiasing (torch), rounded back to uint8.
+model's mean/std happens in the model. Resizing is bilinear with antialiasing (torch's uint8 kernel), rounded
+to uint8. Crops and flips are views/copies in numpy: torch is imported only when something must be resized
+(the decoder already delivers the short side, so test-time views and plain random crops never import it: a fresh
+decode worker starts seconds faster on a busy machine).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-Clip = np.ndarray | torch.Tensor
+Clip = Any  # np.ndarray | torch.Tensor
 
 
-def _as_torch(clip: Clip) -> tuple[torch.Tensor, bool]:
+def _as_torch(clip: Clip):
+    import torch
+
     if isinstance(clip, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(clip)), True
     return clip, False
 
 
-def _back(x: torch.Tensor, was_numpy: bool) -> Clip:
+def _back(x, was_numpy: bool) -> Clip:
     return x.numpy() if was_numpy else x
 
 
 def resize(clip: Clip, height: int, width: int) -> Clip:
     """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8."""
-    x, was_np = _as_torch(clip)
-    if x.shape[1] == height and x.shape[2] == width:
+    if clip.shape[1] == height and clip.shape[2] == width:
         return clip
+    import torch
+    import torch.nn.functional as F
+
+    x, was_np = _as_torch(clip)
     # uint8 in, uint8 out: torch's channels-last uint8 bilinear+antialias kernel (7x faster than a float
     # round trip, within 1 of it). (T, H, W, 3) viewed as (T, 3, H, W) is already channels-last.
     y = x.permute(0, 3, 1, 2)  # (T, 3, H, W)

@@ -1,0 +1,277 @@
+"""Data pipeline speed: our Ray Data stream vs a plain DataLoader + PyAV baseline, same files, same clip spec.
+
+    python benchmarks/pipeline_speed.py [--quick] [--epochs 10] [--videos 160]
+
+Measured side by side in one run, with equal cores (2 by default):
+- decode-only limit: our decoder alone (pipeline.decode.read_frames with the clip's frame indices, reduced-size
+  decode), no Ray, no transforms/tokens, in `cores` processes. The ceiling for any pipeline built on it.
+- ours: `pipeline.dataset.build_dataset` (decord, uint8 all the way, the ClipLoader UDF in a Ray Data task pool:
+  `cores + 1` tasks sharing `cores` logical CPUs of a local Ray) read with `iter_torch_batches`, for `epochs`
+  epochs; clips/s is the median over epochs after the first (which also starts the worker processes; reported
+  too). RSS of every Ray process (workers + raylet/GCS, object store pages included) and of the driver sampled
+  every 0.25 s, peak per epoch.
+- baseline: a PyTorchVideo/PySlowFast-style `torch.utils.data.Dataset` whose `__getitem__` opens the file with
+  PyAV, decodes every frame of the clip window to full-size RGB, subsamples, short-side resizes (float), crops and
+  tokenizes; `DataLoader(num_workers=cores)`.
+The decode-only limit is measured before and after the others and averaged (the machine may be shared).
+Ends with ONE JSON line of figures. The CPU may be shared: figures are indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.sampling import ClipSpec, sample_indices  # noqa: E402
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+# ------------------------------------------------------------------------------------------------------ baseline
+
+
+class PyAVClipDataset:
+    """The usual map-style video dataset (PyTorchVideo EncodedVideoPyAV / PySlowFast pyav decode, simplified)."""
+
+    def __init__(self, paths: list[str], labels: list[int], spec: ClipSpec, seed: int = 0):
+        self.paths, self.labels, self.spec, self.seed = paths, labels, spec, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import av
+        import torch
+        import torch.nn.functional as F
+
+        spec = self.spec
+        rng = np.random.default_rng([self.seed, i])
+        with av.open(self.paths[i]) as c:
+            s = c.streams.video[0]
+            n = s.frames
+            idx = sample_indices(n, spec, rng)[0]  # (T,)
+            lo, hi = int(idx.min()), int(idx.max())
+            window = []
+            for k, frame in enumerate(c.decode(s)):  # decode from the start, convert the clip window to RGB
+                if k >= lo:
+                    window.append(frame.to_ndarray(format="rgb24"))
+                if k >= hi:
+                    break
+        clip = torch.from_numpy(np.stack(window)[idx - lo])  # (T, H, W, 3) uint8
+        x = clip.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+        h, w = x.shape[-2:]
+        scale = spec.short_side / min(h, w)
+        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
+        h, w = x.shape[-2:]
+        y0 = int(rng.integers(0, h - spec.crop_size + 1))
+        x0 = int(rng.integers(0, w - spec.crop_size + 1))
+        x = x[..., y0 : y0 + spec.crop_size, x0 : x0 + spec.crop_size].round().clamp(0, 255).to(torch.uint8)
+        t, p = spec.tubelet_t, spec.patch
+        T, _, H, W = x.shape
+        tok = x.permute(0, 2, 3, 1).reshape(T // t, t, H // p, p, W // p, p, 3)
+        tok = tok.permute(0, 2, 4, 1, 3, 5, 6).reshape(-1, t * p * p * 3)  # (L, K)
+        return {"tokens": tok[None], "label": self.labels[i]}
+
+
+def run_baseline(paths, labels, spec, cores: int, epochs: int, batch_size: int) -> dict:
+    import torch
+
+    ds = PyAVClipDataset(paths, labels, spec)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=cores,
+                                     persistent_workers=epochs > 1)
+    rates = []
+    for _ in range(epochs):
+        t0, n = time.perf_counter(), 0
+        for b in dl:
+            n += b["tokens"].shape[0]
+        rates.append(n / (time.perf_counter() - t0))
+    return {"clips_per_s": rates[-1] if len(rates) == 1 else float(np.median(rates[1:])), "epochs": rates}
+
+
+# --------------------------------------------------------------------------------------------------- decode only
+
+
+def _decode_only(args) -> int:
+    from pipeline.decode import read_frames
+
+    paths, spec, seed = args
+    n = 0
+    for p in paths:
+        rng = np.random.default_rng([seed, len(p)])
+        read_frames(p, lambda nf, fps, rng=rng: sample_indices(nf, spec, rng), short_side=spec.short_side)
+        n += 1
+    return n
+
+
+def run_decode_only(paths, spec, cores: int) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    chunks = [paths[i::cores] for i in range(cores)]
+    with ProcessPoolExecutor(cores, mp_context=get_context("spawn")) as ex:
+        list(ex.map(_decode_only, [(c[:2], spec, 0) for c in chunks]))  # warm-up: imports, page cache
+        t0 = time.perf_counter()
+        n = sum(ex.map(_decode_only, [(c, spec, 1) for c in chunks]))
+    return {"clips_per_s": n / (time.perf_counter() - t0)}
+
+
+# ---------------------------------------------------------------------------------------------------------- ours
+
+
+def _ray_rss_mb() -> tuple[float, float]:
+    """(RSS of every Ray process, RSS of this driver) in MB."""
+    import psutil
+
+    total = 0
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            name = p.info["name"] or ""
+            if p.pid != os.getpid() and ("ray::" in name or "ray::" in cmd or "raylet" in cmd
+                                         or "gcs_server" in cmd or "default_worker.py" in cmd):
+                total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total / 2**20, psutil.Process().memory_info().rss / 2**20
+
+
+class _Sampler:
+    def __init__(self, every: float = 0.25):
+        self.every, self.peak, self.driver_peak = every, 0.0, 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            r, d = _ray_rss_mb()
+            self.peak, self.driver_peak = max(self.peak, r), max(self.driver_peak, d)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def run_ours(manifest, spec, cores: int, epochs: int, batch_size: int, tasks: int, udf_batch: int) -> dict:
+    import ray
+
+    from pipeline.dataset import ErrorLog, TorchCollate, build_dataset
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log = ErrorLog(manifest.num_rows, None)
+    # `tasks` decode tasks share the `cores` logical CPUs (one more than cores by default: it hides the gaps
+    # while a task waits on Ray's scheduler / object store; the machine still has `cores` CPUs for everything).
+    ds = build_dataset(manifest, spec, concurrency=tasks, num_cpus_per_task=round(cores / tasks, 3), seed=0,
+                       epoch=None, error_log=log, batch_size=udf_batch)
+    per_epoch = []
+    for e in range(epochs):
+        log.set_epoch(e)
+        with _Sampler() as s:
+            t0, n, first = time.perf_counter(), 0, None
+            for b in ds.iter_torch_batches(batch_size=batch_size, collate_fn=TorchCollate(), prefetch_batches=2):
+                n += b["tokens"].shape[0]
+                first = first or time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+        per_epoch.append({"epoch": e, "clips": n, "seconds": round(dt, 2), "clips_per_s": round(n / dt, 2),
+                          "startup_s": round(first or 0, 2), "steady_clips_per_s": round(
+                              max(n - batch_size, 1) / max(dt - (first or 0), 1e-6), 2),
+                          "ray_rss_peak_mb": round(s.peak), "driver_rss_peak_mb": round(s.driver_peak)})
+        print(f"  ours epoch {e}: {n} clips in {dt:.1f} s = {n / dt:.1f} clips/s (first batch after "
+              f"{first or 0:.1f} s); peak RSS Ray {s.peak:.0f} MB, driver {s.driver_peak:.0f} MB", flush=True)
+    ray.shutdown()
+    later = per_epoch[1:] or per_epoch  # epoch 0 also starts the worker processes (imports): a one-off
+    return {"clips_per_s": float(np.median([p["clips_per_s"] for p in later])),
+            "steady_clips_per_s": float(np.median([p["steady_clips_per_s"] for p in later])),
+            "first_epoch_clips_per_s": per_epoch[0]["clips_per_s"], "epochs": per_epoch}
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer videos and epochs (about a minute)")
+    ap.add_argument("--videos", type=int, default=None, help="videos (default 192; quick 64)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of our pipeline (default 10; quick 3)")
+    ap.add_argument("--cores", type=int, default=2, help="CPUs for each contender")
+    ap.add_argument("--size", default="320x240", help="video size WxH (K400-like by default)")
+    ap.add_argument("--frames", type=int, default=64, help="frames per video")
+    ap.add_argument("--batch-size", type=int, default=16, help="training batch (iter_torch_batches / DataLoader)")
+    ap.add_argument("--tasks", type=int, default=None, help="concurrent decode tasks in Ray (default cores + 1)")
+    ap.add_argument("--udf-batch", type=int, default=8, help="clips per map_batches call")
+    ap.add_argument("--data", default="~/.cache/mone/bench", help="where the benchmark videos are generated")
+    args = ap.parse_args(argv)
+    n_videos = args.videos or (64 if args.quick else 192)
+    epochs = args.epochs or (3 if args.quick else 10)
+    w, h = (int(v) for v in args.size.split("x"))
+
+    from pipeline.manifest import build_manifest
+    from pipeline.synth import generate
+
+    root = Path(args.data).expanduser() / f"k400-{n_videos}-{w}x{h}-{args.frames}"
+    if not (root / "synth.json").exists():
+        print(f"generating {n_videos} videos {w}x{h}x{args.frames} in {root} ...", flush=True)
+        generate(root, "k400", classes=8, videos_per_class=n_videos // 8, val_videos_per_class=0,
+                 test_videos_per_class=0, width=w, height=h, frames=args.frames, fps=25, gop=16, seed=0)
+    manifest = build_manifest(root).split("train")
+    paths = manifest.column("path").to_pylist()
+    labels = manifest.column("label").to_pylist()
+    # K400-style dense clip scaled to the CPU: 16 frames, stride 2, short side 128, 112 crop, 2x16x16 tubelets.
+    spec = ClipSpec(num_frames=16, sampling="dense", stride=2, short_side=128, crop_size=112, tubelet_t=2,
+                    patch=16, train=True, flip=False, train_crop="random")
+    print(f"{len(paths)} videos {w}x{h}, {args.frames} frames; clip {spec.num_frames}x{spec.crop_size}^2 stride "
+          f"{spec.stride} -> tokens {spec.tokens_shape}; {args.cores} cores each", flush=True)
+    # The machine is shared: decode-only is measured before and after the others and averaged.
+    dec1 = run_decode_only(paths, spec, args.cores)
+    print(f"decode-only limit (our decoder, {args.cores} processes, no Ray): {dec1['clips_per_s']:.1f} clips/s",
+          flush=True)
+    base = run_baseline(paths, labels, spec, args.cores, 2 if not args.quick else 1, args.batch_size)
+    print(f"baseline DataLoader(num_workers={args.cores}) + PyAV: {base['clips_per_s']:.1f} clips/s", flush=True)
+    ours = run_ours(manifest, spec, args.cores, epochs, args.batch_size, args.tasks or args.cores + 1,
+                    args.udf_batch)
+    dec2 = run_decode_only(paths, spec, args.cores)
+    print(f"decode-only limit again: {dec2['clips_per_s']:.1f} clips/s", flush=True)
+    dec = {"clips_per_s": (dec1["clips_per_s"] + dec2["clips_per_s"]) / 2}
+    tokens = spec.num_views * spec.num_tokens
+    peaks = [e["ray_rss_peak_mb"] for e in ours["epochs"]]
+    later = peaks[1:] or peaks
+    result = {
+        "ours_clips_per_s": round(ours["clips_per_s"], 2),
+        "ours_steady_clips_per_s": round(ours["steady_clips_per_s"], 2),
+        "baseline_clips_per_s": round(base["clips_per_s"], 2),
+        "decode_only_clips_per_s": round(dec["clips_per_s"], 2),
+        "decode_only_runs_clips_per_s": [round(dec1["clips_per_s"], 2), round(dec2["clips_per_s"], 2)],
+        "ours_first_epoch_clips_per_s": ours["first_epoch_clips_per_s"],
+        "ours_tokens_per_s": round(ours["clips_per_s"] * tokens),
+        "baseline_tokens_per_s": round(base["clips_per_s"] * tokens),
+        "speedup_vs_baseline": round(ours["clips_per_s"] / base["clips_per_s"], 2),
+        "fraction_of_decode_only": round(ours["clips_per_s"] / dec["clips_per_s"], 2),
+        "steady_fraction_of_decode_only": round(ours["steady_clips_per_s"] / dec["clips_per_s"], 2),
+        "peak_ray_rss_mb_per_epoch": peaks,
+        "peak_driver_rss_mb_per_epoch": [e["driver_rss_peak_mb"] for e in ours["epochs"]],
+        "rss_growth_mb_after_epoch0": round(max(later) - min(later), 1),
+        "epoch_startup_s": [e["startup_s"] for e in ours["epochs"]],
+        "videos": len(paths), "epochs": epochs, "cores": args.cores, "ray_decode_tasks": args.tasks or args.cores + 1,
+        "udf_batch": args.udf_batch, "video_size": args.size,
+        "frames": args.frames, "clip": spec.to_dict(), "load_avg": os.getloadavg()[0],
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
