@@ -402,6 +402,8 @@ def _load_clips_task(batch: dict[str, np.ndarray], *, key: str, loader_kwargs: d
     and dataset, kept across tasks and epochs (the worker processes outlive an execution; actors do not)."""
     loader = _LOADERS.get(key)
     if loader is None:
+        while len(_LOADERS) >= 4:  # datasets of the past (their error-log handles would stay alive)
+            _LOADERS.pop(next(iter(_LOADERS)))
         loader = _LOADERS[key] = ClipLoader(**loader_kwargs)
     return loader(batch)
 
