@@ -38,3 +38,15 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def timm():
     return import_timm()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models tests run many small ops; on a shared 2-core machine a second OpenMP thread that gets
+    descheduled makes each op wait (measured 10-30x slower small matmuls under load). One thread is steady."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

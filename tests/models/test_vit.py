@@ -27,15 +27,11 @@ def patchify(clip: torch.Tensor, t: int, p: int) -> torch.Tensor:
 
 
 def small_overrides(name: str) -> dict:
-    """Small inputs (4 patches per frame, 2 tubelet frames) for every variant; B and L also get 2 spatial and 1
-    temporal block: depth adds no code path, only time and memory on a shared 2-core machine. Width, heads,
-    patch and tubelet stay the variant's own. Full-size variants are covered by the FLOPs test on meta."""
+    """Small inputs (4 patches per frame, 2 tubelet frames); everything else is the variant's own."""
     cfg = VARIANTS[name]
     if name.endswith("tiny"):
         return {}
     out = {"img_size": 32, **({"num_frames": 4} if cfg.video else {})}
-    if cfg.dim >= 768:
-        out |= {"depth": 2, **({"temporal_depth": 1} if cfg.video else {})}
     return out
 
 
