@@ -220,7 +220,7 @@ class _ErrorLogActor:
         self.errors: list[tuple[int, str, str, str]] = []  # (epoch, path, stage, error)
         self.good: Counter = Counter()
         self.bad: Counter = Counter()
-        self.crash_seen: set[tuple[int, str]] = set()
+        self.seen: set[tuple[int, str]] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -229,13 +229,15 @@ class _ErrorLogActor:
         return self.epoch
 
     def add(self, epoch: int, good: int, errors: list[tuple[str, str, str]]) -> str | None:
-        """Records a batch's outcome; returns the TooManyErrors message once the epoch is over budget."""
+        """Records a batch's outcome; returns the TooManyErrors message once the epoch is over budget.
+
+        A file is counted once per epoch number: a dataset re-read with a fixed epoch (validation every round)
+        or a retried batch reports the same failures again, which must not add up to a false alarm."""
         self.good[epoch] += good
         for path, stage, msg in errors:
-            if msg == CRASH_ERROR:
-                if (epoch, path) in self.crash_seen:
-                    continue  # a retried batch reports its crashed file again
-                self.crash_seen.add((epoch, path))
+            if (epoch, path) in self.seen:
+                continue
+            self.seen.add((epoch, path))
             self.bad[epoch] += 1
             self.errors.append((epoch, path, stage, msg))
         if self.max_fraction is not None and self.bad[epoch] > error_budget(self.total, self.max_fraction):

@@ -55,3 +55,14 @@ def test_max_error_fraction(k400_tree):
     assert "max_error_fraction" in msg and "Worst files" in msg and ".mp4" in msg
     assert len(list(D.iter_clips(m, SPEC, max_error_fraction=0.2))) == 16
     assert len(list(D.iter_clips(m, SPEC, max_error_fraction=None))) == 16
+
+
+def test_error_log_counts_a_file_once_per_epoch():
+    # Validation re-reads the same dataset (fixed epoch) every round; retried batches report again.
+    log = D._ErrorLogActor(total=10, max_fraction=0.2)  # budget: 2 bad files per epoch
+    for _ in range(5):
+        assert log.add(0, 8, [("a.mp4", "open", "x"), ("b.mp4", "decode", "y")]) is None
+    assert log.counts()["bad"] == {0: 2} and len(log.get(0)) == 2
+    msg = log.add(0, 0, [("c.mp4", "open", "z")])
+    assert msg and "3 of 10 videos failed in epoch 0" in msg and "c.mp4" in msg
+    assert log.add(1, 0, [("a.mp4", "open", "x")]) is None  # a new epoch counts afresh
