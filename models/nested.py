@@ -39,10 +39,11 @@ class ExpertRows:
     # buffers of tens of MB cost page faults on every allocation, which a small expert's matmul cannot hide.
     workspace: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
-    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or like.dtype
         buf = self.workspace.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.workspace[name] = like.new_empty(shape)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
+            buf = self.workspace[name] = like.new_empty(shape, dtype=dtype)
         return buf
 
     @staticmethod
@@ -251,14 +252,14 @@ class NestedAttention(nn.Module):
         and output buffers come from its workspace."""
         H, hd = self.num_heads, self.head_dim
         D = H * hd
-        qkv_buf = None if rows is None else rows.buffer("qkv", (S * G, 3 * D), h)
+        qkv_buf = None if rows is None else rows.buffer("qkv", (S * G, 3 * D), h, _compute_dtype(h))
         qkv = nested_in(h, self.qkv.weight, self.qkv.bias, bounds, out=qkv_buf)  # (S*G, 3D)
         q, k, v = qkv.view(S, G, 3, H, hd).permute(2, 1, 3, 0, 4).unbind(0)  # 3 x (G, H, S, hd)
         # FLOPs: 2*S*S*D for q@k^T plus 2*S*S*D for attn@v, per group, at full width for every expert
         o = F.scaled_dot_product_attention(q, k, v).permute(2, 0, 1, 3)  # (G, H, S, hd) -> (S, G, H, hd)
         if rows is None:
             return o.reshape(S * G, D)  # (S*G, D)
-        out = rows.buffer("attn", (S * G, D), h)
+        out = rows.buffer("attn", (S * G, D), o)
         out.view(S, G, H, hd).copy_(o)
         return out  # (S*G, D)
 
@@ -322,7 +323,7 @@ class NestedBlock(nn.Module):
         o = self.attn.mix(h, S, G, bounds, rows)  # (S*G, D)
         nested_out_residual_(x2, o, self.attn.proj.weight, self.attn.proj.bias, bounds)  # (S*G, D) in place
         h = F.layer_norm(x2, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)  # (S*G, D)
-        hidden = rows.buffer("hidden", (S * G, self.mlp.fc1.out_features), h)
+        hidden = rows.buffer("hidden", (S * G, self.mlp.fc1.out_features), h, _compute_dtype(h))
         a = torch.ops.aten.gelu_(nested_in(h, self.mlp.fc1.weight, self.mlp.fc1.bias, bounds, out=hidden))  # (S*G, 4D)
         gate = None if rows.gate is None else rows.gate.reshape(S * G)  # (S*G,)
         nested_out_residual_(x2, a, self.mlp.fc2.weight, self.mlp.fc2.bias, bounds, gate)  # (S*G, D) in place

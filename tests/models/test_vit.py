@@ -195,3 +195,24 @@ def test_training_reduces_loss_and_reaches_router():
     assert after < 0.7 * before, (before, after)
     assert model.alpha.item() != 0  # alpha learns (straight-through clamp keeps it movable at 0)
     assert not torch.equal(router0, model.router.proj.weight)  # the router learnt through alpha * r
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vivit_tiny"])
+def test_bf16_autocast_forward_and_backward(name):
+    """The CUDA recipe runs under bf16 autocast; CPU autocast takes the same code path (matmuls in bf16 inside
+    the nested Functions, residual stream and weights' gradients in fp32)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4)
+    model.alpha.data.fill_(0.5)
+    x = pixels_for(model.cfg)
+    with torch.no_grad():
+        ref = model(x, 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            inf = model(x, 0.3)
+        out = model(x, 0.3)
+    torch.testing.assert_close(inf.float(), ref, rtol=0.1, atol=0.1)
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert model.router.proj.weight.grad.abs().sum() > 0
