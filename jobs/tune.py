@@ -1,0 +1,783 @@
+"""`mone tune`: Ray Tune searches over a trained checkpoint's budgets, and over training hyper-parameters.
+
+`mone tune budgets`  On a trained checkpoint (no retraining): which capacity vector c gives the best top-1 at a
+                     given effective capacity e_c = sum_i c_i d_i / D? The validation clips are decoded once and put
+                     in Ray's object store; every trial only runs forward passes. Two search spaces per target e_c:
+                     any point of the feasible polytope {c >= 0, sum c = 1, c . d/D = e_c} (a convex mixture of its
+                     vertices, so every sample is feasible), and the paper's heuristic with free (delta, beta).
+                     Optuna's multi-objective sampler maximises top-1 and minimises GFLOPs; the paper's heuristic
+                     (delta=2, beta=10) at each target is evaluated first (points_to_evaluate), so the tuned choice is
+                     never worse than it on the search set. Writes frontier.parquet (the Pareto front + heuristic +
+                     dense rows), trials.parquet, frontier.png and budgets.json (for `mone evaluate --budgets`).
+`mone tune train`    Training-time search (optim.lr, mone.delta, ...): Tune drives a function that builds and fits one
+                     TorchTrainer per trial (jobs.train.build_trainer with Tune's Train report callback), ASHA stops
+                     the weak trials early, and re-running the same command resumes the experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HEURISTIC = {"delta": 2.0, "beta": 10.0}  # the paper's (MONE.md)
+DELTA_RANGE = (1.0, 8.0)  # heuristic search space (log-uniform)
+BETA_RANGE = (0.3, 100.0)
+SPACES = ("simplex", "heuristic")
+_EPS = 1e-6
+
+
+class TuneError(ValueError):
+    """A user mistake (paths, budgets, search space); the message says what to change."""
+
+
+# =========================================================================== CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune: capacity search on a trained checkpoint (budgets) or hyper-parameter search (train)",
+        description="Search with Ray Tune. `budgets`: the best capacity split per compute budget on a trained "
+        "checkpoint (an accuracy-vs-GFLOPs frontier). `train`: a training-time search with ASHA early stopping.",
+    )
+    tsub = p.add_subparsers(dest="tune_command", metavar="SUBCOMMAND")
+
+    b = tsub.add_parser(
+        "budgets",
+        help="search capacity vectors per target e_c on a trained checkpoint (no retraining)",
+        description="Search capacity vectors c (smallest expert first) at each target effective capacity e_c on a "
+        "trained checkpoint, with Optuna's multi-objective sampler (max top-1, min GFLOPs). Writes frontier.parquet, "
+        "trials.parquet, frontier.png and budgets.json (use it with `mone evaluate --budgets`).",
+        epilog="Example:\n  mone tune budgets --checkpoint runs/tiny_cpu --budgets 0.2,0.3,0.4 --trials 30",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or its inference/ directory")
+    b.add_argument("--data", default=None,
+                   help="dataset root or manifest .parquet (default: the dataset the run was trained on, "
+                   "from inference.json or the run's config.yaml)")
+    b.add_argument("--split", default="validation", help="split to search on (default: validation)")
+    b.add_argument("--budgets", default="0.2,0.3,0.4,0.5", help="target e_c values (default: 0.2,0.3,0.4,0.5)")
+    b.add_argument("--trials", type=int, default=40,
+                   help="Tune trials in all (default 40; the heuristic point of each target is one of them)")
+    b.add_argument("--out", default=None, help="output folder (default: RUN_DIR/tune_budgets, else ./tune_budgets)")
+    b.add_argument("--max-videos", type=int, default=None, help="use at most this many videos of the split")
+    b.add_argument("--concurrent", type=int, default=None,
+                   help="trials at once (default: the cluster's CPUs, at most 2; each holds 1 CPU)")
+    b.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    b.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    b.set_defaults(func=run_budgets_cmd)
+
+    t = tsub.add_parser(
+        "train",
+        help="hyper-parameter search over training runs (ASHA early stopping, resumable)",
+        description="Training-time search: each trial is one `mone train` run (a TorchTrainer) with values from the "
+        "search space; ASHA stops weak trials after each epoch. Re-running the same command resumes the "
+        "experiment. The search space YAML maps config paths to domains: {loguniform: [a, b]}, {uniform: [a, b]}, "
+        "{choice: [...]}, {randint: [a, b]} (or a plain value: fixed).",
+        epilog="Example:\n  mone tune train --config tiny_cpu --search-space jobs/configs/search_spaces/tiny_cpu.yaml "
+        "--trials 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--config", default="tiny_cpu", help="config name under jobs/configs/ or a YAML path")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every trial")
+    t.add_argument("--search-space", required=True,
+                   help="YAML: config path -> domain (e.g. jobs/configs/search_spaces/tiny_cpu.yaml)")
+    t.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
+    t.add_argument("--name", default=None, help="experiment name (default: tune_<run name>); its folder is resumed")
+    t.add_argument("--resume", action="store_true", help="resume the experiment (also automatic when it exists)")
+    t.add_argument("--metric", default=None,
+                   help="metric to rank and stop on (default: top1_ec<first validation budget>, e.g. top1_ec0.3)")
+    t.add_argument("--mode", default="max", choices=("max", "min"))
+    t.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs every trial runs at least (default 1)")
+    t.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    t.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    t.set_defaults(func=run_train_cmd)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run_budgets_cmd(args: argparse.Namespace) -> int:
+    try:
+        summary = tune_budgets(args.checkpoint, data=args.data, split=args.split, budgets=args.budgets,
+                               trials=args.trials, out=args.out, max_videos=args.max_videos,
+                               concurrent=args.concurrent, seed=args.seed, address=args.address)
+    except (TuneError, FileNotFoundError) as e:
+        print(f"mone tune budgets: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def run_train_cmd(args: argparse.Namespace) -> int:
+    from jobs.config import ConfigError
+
+    try:
+        summary = tune_train(args.config, args.overrides, args.search_space, trials=args.trials, name=args.name,
+                             resume=args.resume, metric=args.metric, mode=args.mode, grace_period=args.grace_period,
+                             max_concurrent=args.max_concurrent, address=args.address)
+    except (TuneError, ConfigError, FileNotFoundError) as e:
+        print(f"mone tune train: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def _ray_init(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    addr = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=addr, num_cpus=None if addr else num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+# =========================================================================== capacities
+
+
+def polytope_vertices(e_c: float, num_experts: int = 4) -> list[tuple[float, ...]]:
+    """Vertices of {c >= 0, sum c = 1, sum c_i w_i = e_c} (w = d_i/D): points with at most two non-zero
+    capacities, one expert narrower and one wider than e_c. Every feasible c is a convex mix of them."""
+    from models.capacity import width_fractions
+
+    w = width_fractions(num_experts)
+    verts: list[tuple[float, ...]] = []
+    for i in range(num_experts):
+        for j in range(i, num_experts):
+            c = [0.0] * num_experts
+            if abs(w[i] - e_c) < 1e-12:
+                c[i] = 1.0
+            elif abs(w[j] - e_c) < 1e-12:
+                c[j] = 1.0
+            elif w[i] < e_c < w[j]:
+                c[i] = (w[j] - e_c) / (w[j] - w[i])
+                c[j] = 1.0 - c[i]
+            else:
+                continue
+            v = tuple(round(x, 12) for x in c)
+            if v not in verts:
+                verts.append(v)
+    if not verts:
+        raise TuneError(f"e_c={e_c:g} is outside ({w[0]:g}, 1]")
+    return verts
+
+
+def simplex_capacities(e_c: float, params: Sequence[float], num_experts: int = 4) -> tuple[float, ...]:
+    """A feasible capacity vector from parameters in [0, 1): exponential spacings -log(1 - u_k) normalised are
+    Dirichlet(1) weights on the polytope's vertices (uniform u -> uniform weights); the mix meets both constraints."""
+    verts = polytope_vertices(e_c, num_experts)
+    if len(params) < len(verts):
+        raise TuneError(f"{len(verts)} vertex weights needed at e_c={e_c:g}, got {len(params)}")
+    a = [-math.log(max(1e-12, 1.0 - min(max(float(u), 0.0), 1.0 - 1e-12))) + 1e-12 for u in params[: len(verts)]]
+    s = sum(a)
+    c = [sum(a[k] / s * verts[k][i] for k in range(len(verts))) for i in range(num_experts)]
+    c = [max(0.0, x) for x in c]
+    t = sum(c)
+    return tuple(x / t for x in c)
+
+
+def max_vertices(targets: Sequence[float], num_experts: int = 4) -> int:
+    return max(len(polytope_vertices(e, num_experts)) for e in targets)
+
+
+def trial_capacities(config: dict[str, Any], num_experts: int = 4) -> tuple[float, ...]:
+    """The capacities a budget-search trial's config stands for (raises ValueError if the heuristic has none)."""
+    from models.capacity import capacities_for_budget
+
+    e_c = float(config["e_c"])
+    if config["space"] == "heuristic":
+        return tuple(capacities_for_budget(e_c, num_experts, delta=float(config["delta"]), beta=float(config["beta"])))
+    k = sum(1 for key in config if key.startswith("v") and key[1:].isdigit())
+    return simplex_capacities(e_c, [config[f"v{i}"] for i in range(k)], num_experts)
+
+
+def clip_gflops(model_cfg, capacities: Sequence[float], views: int = 1) -> float:
+    """GFLOPs per clip, as `mone train` reports them (views x models.flops.model_flops, classifier excluded)."""
+    from models.flops import model_flops
+
+    return views * model_flops(model_cfg, capacities=tuple(capacities)) / 1e9
+
+
+def evaluate_capacities(model, tokens, labels, capacities, batch_size: int = 32) -> tuple[float, float]:
+    """Top-1 / top-5 of `model` on decoded clips `tokens` (N, V, L, K) uint8 at explicit capacities (None: dense);
+    multi-view clips average their logits."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store: never written
+        x = torch.as_tensor(tokens)  # (N, V, L, K)
+        y = torch.as_tensor(labels).long()  # (N,)
+    n, views = x.shape[:2]
+    top1 = top5 = 0
+    budget = None if capacities is None else tuple(float(c) for c in capacities)
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            xb = x[s : s + batch_size]
+            b = xb.shape[0]
+            logits = model.forward_tokens(xb.flatten(0, 1), budget=budget).float()  # (b*V, classes)
+            logits = logits.view(b, views, -1).mean(1)  # (b, classes)
+            k = min(5, logits.shape[-1])
+            hit = logits.topk(k, dim=-1).indices == y[s : s + b, None]  # (b, k)
+            top1 += int(hit[:, 0].sum())
+            top5 += int(hit.any(-1).sum())
+    return top1 / max(1, n), top5 / max(1, n)
+
+
+def pareto_mask(top1: Sequence[float], gflops: Sequence[float]) -> list[bool]:
+    """Non-dominated points (max top-1, min GFLOPs); of identical points only the first is kept."""
+    n = len(top1)
+    keep = []
+    for i in range(n):
+        dominated = False
+        for j in range(n):
+            if j == i:
+                continue
+            better_eq = top1[j] >= top1[i] and gflops[j] <= gflops[i]
+            strictly = top1[j] > top1[i] or gflops[j] < gflops[i]
+            if better_eq and (strictly or j < i):
+                dominated = True
+                break
+        keep.append(not dominated)
+    return keep
+
+
+# =========================================================================== budget search
+
+
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def _load_model(path: str):
+    """One model per trial process (Tune reuses actors between trials)."""
+    if path not in _MODEL_CACHE:
+        from jobs.checkpoint import load_inference
+
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[path] = load_inference(path).model
+    return _MODEL_CACHE[path]
+
+
+def budget_trial(config: dict[str, Any], *, checkpoint: str, data: dict[str, Any], batch_size: int = 32) -> None:
+    """One Tune trial: capacities from the config -> top-1/top-5 on the shared decoded clips + GFLOPs.
+
+    `data` arrives through tune.with_parameters: put in the object store once by the driver, fetched here."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(1)  # one CPU per trial; a second thread on a shared 2-core box only spins
+    model = _load_model(checkpoint)
+    E = model.cfg.num_experts
+    try:
+        caps = trial_capacities(config, E)
+    except ValueError:  # the heuristic's solver found no point for this (delta, beta): an infeasible trial
+        tune.report({"top1": 0.0, "top5": 0.0, "gflops": clip_gflops(model.cfg, (0.0,) * (E - 1) + (1.0,),
+                                                                    data["views"]), "feasible": 0})
+        return
+    t = time.perf_counter()
+    top1, top5 = evaluate_capacities(model, data["tokens"], data["labels"], caps, batch_size)
+    from models.capacity import effective_capacity
+
+    tune.report({"top1": top1, "top5": top5, "gflops": clip_gflops(model.cfg, caps, data["views"]),
+                 "e_c_actual": effective_capacity(caps), "feasible": 1, "eval_s": time.perf_counter() - t,
+                 **{f"c{i}": c for i, c in enumerate(caps)}})
+
+
+def _dataset_root_for(ckpt) -> str | None:
+    """The dataset a checkpoint was trained on: inference.json's "data" if recorded, else the run's config.yaml."""
+    meta = ckpt.meta
+    for key in ("data", "dataset"):
+        v = meta.get(key)
+        root = v.get("root") if isinstance(v, dict) else v
+        if isinstance(root, str) and root:
+            return root
+    for cand in (ckpt.path / "config.yaml", ckpt.path.parent / "config.yaml", ckpt.path.parent.parent / "config.yaml"):
+        if cand.is_file():
+            from jobs.config import config_from_dict, load_config
+            from jobs.data import synthetic_root
+
+            try:
+                cfg = load_config(str(cand))
+            except Exception:  # noqa: BLE001 - a config of another version: try it raw
+                import yaml
+
+                try:
+                    cfg = config_from_dict(yaml.safe_load(cand.read_text()))
+                except Exception:  # noqa: BLE001
+                    return None
+            if cfg.data.root:
+                return cfg.data.root
+            root = synthetic_root(cfg)
+            return str(root) if root.exists() else None
+    return None
+
+
+def decode_split(table, spec, *, decoder: str = "auto") -> tuple[Any, Any, list]:
+    """Decodes every labelled clip once: tokens (N, V, L, K) uint8, labels (N,) int64, errors."""
+    import numpy as np
+
+    from pipeline.dataset import iter_clips
+
+    errors: list = []
+    xs, ys = [], []
+    for row in iter_clips(table, spec, decoder=decoder, shuffle=False, errors=errors, max_error_fraction=None):
+        if row["label"] < 0:
+            continue
+        xs.append(row["tokens"])
+        ys.append(row["label"])
+    if not xs:
+        raise TuneError("no readable labelled clips in the split (see the errors above)")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), errors
+
+
+def _parse_targets(text: str | Sequence[float]) -> list[float]:
+    items = text if isinstance(text, (list, tuple)) else [s for s in str(text).replace(" ", ",").split(",") if s]
+    out = []
+    for s in items:
+        try:
+            e = float(s)
+        except ValueError:
+            raise TuneError(f"--budgets: '{s}' is not a number (e.g. --budgets 0.2,0.3,0.4)") from None
+        if not 0.125 < e < 1.0:
+            raise TuneError(f"--budgets: e_c={e:g} must be in (0.125, 1) (1.0, the dense model, is always reported)")
+        out.append(round(e, 6))
+    if not out:
+        raise TuneError("--budgets: give at least one target e_c, e.g. 0.3")
+    return sorted(set(out))
+
+
+def _fmt(e: float) -> str:
+    return f"{e:.4f}".rstrip("0").rstrip(".")
+
+
+def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, split: str | None = "validation",
+                 budgets: str | Sequence[float] = "0.2,0.3,0.4,0.5", trials: int = 40,
+                 out: str | os.PathLike | None = None, max_videos: int | None = None, concurrent: int | None = None,
+                 seed: int = 0, address: str | None = None, decoder: str = "auto", verbose: int = 1,
+                 echo=print) -> dict[str, Any]:
+    """Runs the budget search; returns the summary (the CLI prints it as the final JSON line)."""
+    import pandas as pd
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from jobs.checkpoint import find_inference_dir, load_inference
+    from jobs.evaluate import EvaluateError, load_archive
+    from models.capacity import capacities_for_budget, dense_capacities, effective_capacity
+
+    t0 = time.time()
+    targets = _parse_targets(budgets)
+    ckpt_dir = find_inference_dir(checkpoint)
+    ckpt = load_inference(ckpt_dir)
+    model, labels = ckpt.model, list(ckpt.labels)
+    E = model.cfg.num_experts
+    root = data or _dataset_root_for(ckpt)
+    if not root:
+        raise TuneError(f"--data: {ckpt_dir} records no dataset (no data root in inference.json, no config.yaml in "
+                        f"its run directory); give --data DATASET_ROOT")
+    if trials < len(targets):
+        raise TuneError(f"--trials {trials}: need at least one per target budget ({len(targets)})")
+    if out is None:
+        out = ckpt_dir.parent / "tune_budgets" if ckpt_dir.name == "inference" else Path("tune_budgets")
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- decode the split once
+    try:
+        table = load_archive(root, split, labels)
+    except EvaluateError as e:
+        raise TuneError(str(e).replace("--videos", "--data")) from None
+    if max_videos:
+        table = table.slice(0, max_videos)
+    spec = ckpt.clip_spec()
+    t_dec = time.time()
+    tokens, ys, errors = decode_split(table, spec, decoder=decoder)
+    echo(f"[tune] decoded {len(ys)} clips of {root} ({split or 'all'}) once in {time.time() - t_dec:.1f} s "
+         f"({len(errors)} unreadable); {spec.num_views} view(s), tokens {tuple(tokens.shape[1:])}", flush=True)
+    views = int(tokens.shape[1])
+
+    # ---- references: the paper's heuristic at each target, and the dense model
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ref_rows = []
+    for e in [*targets, 1.0]:
+        caps = dense_capacities(E) if e >= 1.0 else capacities_for_budget(e, E, **HEURISTIC)
+        top1, top5 = evaluate_capacities(model, tokens, ys, caps)
+        ref_rows.append({"e_c_target": e, "e_c": effective_capacity(caps), "capacities": list(caps),
+                         "gflops": clip_gflops(model.cfg, caps, views), "top1": top1, "top5": top5,
+                         "source": "dense" if e >= 1.0 else "heuristic", "space": "heuristic",
+                         "delta": HEURISTIC["delta"], "beta": HEURISTIC["beta"], "on_front": False})
+    torch.set_num_threads(threads)
+
+    # ---- the search
+    K = max_vertices(targets, E)
+    space: dict[str, Any] = {"e_c": tune.choice(targets), "space": tune.choice(list(SPACES)),
+                             "delta": tune.loguniform(*DELTA_RANGE), "beta": tune.loguniform(*BETA_RANGE),
+                             **{f"v{k}": tune.uniform(0.0, 1.0) for k in range(K)}}
+    seeds = [{"e_c": e, "space": "heuristic", **HEURISTIC, **{f"v{k}": 0.5 for k in range(K)}} for e in targets]
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(len(targets) + 4, min(10, trials // 3)))
+    searcher = OptunaSearch(metric=["top1", "gflops"], mode=["max", "min"], points_to_evaluate=seeds,
+                            sampler=sampler)
+    _ray_init(address)
+    if concurrent is None:
+        concurrent = max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))
+    trainable = tune.with_resources(
+        tune.with_parameters(budget_trial, checkpoint=str(ckpt_dir),
+                             data={"tokens": tokens, "labels": ys, "views": views}),  # one ray.put, every trial gets it
+        {"cpu": 1})
+    from ray.tune import CLIReporter
+
+    reporter = CLIReporter(parameter_columns=["e_c", "space"], metric_columns=["top1", "gflops", "e_c_actual"],
+                           max_report_frequency=30)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name="search", storage_path=str(out), progress_reporter=reporter,
+                                  verbose=verbose),
+    )
+    t_search = time.time()
+    grid = tuner.fit()
+    search_s = time.time() - t_search
+
+    rows = []
+    for r in grid:
+        m, c = r.metrics or {}, r.config or {}
+        if not m.get("feasible"):
+            continue
+        caps = [float(m[f"c{i}"]) for i in range(E)]
+        rows.append({"e_c_target": float(c["e_c"]), "e_c": float(m["e_c_actual"]), "capacities": caps,
+                     "gflops": float(m["gflops"]), "top1": float(m["top1"]), "top5": float(m["top5"]),
+                     "source": "tuned", "space": c["space"],
+                     "delta": float(c["delta"]) if c["space"] == "heuristic" else float("nan"),
+                     "beta": float(c["beta"]) if c["space"] == "heuristic" else float("nan"),
+                     "trial_id": r.path and Path(r.path).name})
+    if not rows:
+        raise TuneError("no trial finished; see the Tune output above")
+    trials_df = pd.DataFrame(rows)
+    mask = pareto_mask(trials_df["top1"].tolist(), trials_df["gflops"].tolist())
+    trials_df["on_front"] = mask
+    trials_df.to_parquet(out / "trials.parquet", index=False)
+    front = trials_df[trials_df["on_front"]].sort_values("gflops")
+    frontier = pd.concat([front.drop(columns=["trial_id"]), pd.DataFrame(ref_rows)], ignore_index=True)
+    frontier.to_parquet(out / "frontier.parquet", index=False)
+
+    # ---- budgets.json: best top-1 within each target (e_c <= target), tie -> fewer GFLOPs
+    chosen: dict[str, Any] = {}
+    per_target = []
+    refs = {r["e_c_target"]: r for r in ref_rows}
+    for e in targets:
+        within = trials_df[trials_df["e_c"] <= e + _EPS].sort_values(["top1", "gflops"], ascending=[False, True])
+        best = within.iloc[0] if len(within) else None
+        h = refs[e]
+        if best is None or best["top1"] < h["top1"]:  # cannot happen with the seeds; keep the file complete anyway
+            best = pd.Series(h)
+        chosen[_fmt(e)] = {"capacities": [float(x) for x in best["capacities"]], "e_c": float(best["e_c"]),
+                           "top1": float(best["top1"]), "top5": float(best["top5"]),
+                           "gflops": float(best["gflops"]), "space": str(best["space"])}
+        per_target.append({"e_c": e, "tuned_top1": float(best["top1"]), "heuristic_top1": h["top1"],
+                           "gflops": float(best["gflops"]), "heuristic_gflops": h["gflops"],
+                           "capacities": [round(float(x), 4) for x in best["capacities"]],
+                           "heuristic_capacities": [round(x, 4) for x in h["capacities"]]})
+    budgets_path = out / "budgets.json"
+    budgets_path.write_text(json.dumps({
+        "budgets": chosen, "checkpoint": str(ckpt_dir), "data": str(root), "split": split,
+        "clips": int(len(ys)), "objective": "max top-1 within e_c <= target, tie -> fewer GFLOPs",
+        "gflops": "per clip (views x models.flops.model_flops)",
+    }, indent=1))
+    plot = out / "frontier.png"
+    _plot_frontier(trials_df, front, ref_rows, plot, model.cfg.name)
+
+    echo(_summary_table(per_target, refs[1.0]))
+    summary = {
+        "out": str(out), "frontier": str(out / "frontier.parquet"), "budgets": str(budgets_path),
+        "trials_table": str(out / "trials.parquet"), "plot": str(plot), "checkpoint": str(ckpt_dir),
+        "clips": int(len(ys)), "trials": int(len(trials_df)), "search_s": round(search_s, 1),
+        "wall_s": round(time.time() - t0, 1),
+        "dense": {"top1": refs[1.0]["top1"], "gflops": refs[1.0]["gflops"]},
+        "targets": per_target,
+    }
+    return summary
+
+
+def _summary_table(per_target: list[dict[str, Any]], dense: dict[str, Any]) -> str:
+    rows = ["  e_c    tuned top-1  heuristic top-1  GFLOPs (tuned/heur.)  tuned capacities (smallest expert first)"]
+    for p in per_target:
+        rows.append(f"  {p['e_c']:<5}  {100 * p['tuned_top1']:10.1f}%  {100 * p['heuristic_top1']:14.1f}%  "
+                    f"{p['gflops']:9.4f} / {p['heuristic_gflops']:<9.4f}  {p['capacities']}")
+    rows.append(f"  dense  {100 * dense['top1']:10.1f}%  {'':15}  {dense['gflops']:9.4f}")
+    return "\n".join(rows)
+
+
+def _plot_frontier(trials_df, front, ref_rows, path: Path, model_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    ax.scatter(trials_df["gflops"], 100 * trials_df["top1"], s=14, alpha=0.35, color="C0", label="tuned trials")
+    ax.plot(front["gflops"], 100 * front["top1"], "o-", color="C0", label="tuned Pareto front")
+    heur = [r for r in ref_rows if r["source"] == "heuristic"]
+    ax.plot([r["gflops"] for r in heur], [100 * r["top1"] for r in heur], "s--", color="C1",
+            label="heuristic (δ=2, β=10)")
+    for r in heur:
+        ax.annotate(f"e_c={r['e_c_target']:g}", (r["gflops"], 100 * r["top1"]), textcoords="offset points",
+                    xytext=(4, -12), fontsize=8)
+    dense = [r for r in ref_rows if r["source"] == "dense"][0]
+    ax.plot([dense["gflops"]], [100 * dense["top1"]], "*", ms=12, color="C3", label="dense (e_c=1)")
+    ax.set_xlabel("GFLOPs per clip")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{model_name}: accuracy vs compute, tuned capacities")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# =========================================================================== training-time search
+
+
+def load_search_space(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The YAML as {config path: {kind: args}}; a plain value becomes {"value": v}. Validated, no Ray needed."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        here = Path(__file__).parent / "configs" / "search_spaces"
+        for cand in (here / str(path), here / f"{path}.yaml"):
+            if cand.is_file():
+                p = cand
+                break
+        else:
+            raise TuneError(f"--search-space {path}: no such file")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict) or not raw:
+        raise TuneError(f"--search-space {p}: expected a mapping of config paths to domains, e.g. "
+                        "'optim.lr: {loguniform: [1.0e-4, 3.0e-3]}'")
+    space: dict[str, dict[str, Any]] = {}
+    kinds = {"loguniform": 2, "uniform": 2, "randint": 2, "quniform": 3, "choice": None, "grid": None}
+    for key, v in raw.items():
+        if not isinstance(v, dict):
+            space[key] = {"value": v}
+            continue
+        if len(v) != 1 or next(iter(v)) not in kinds:
+            raise TuneError(f"--search-space {p}: '{key}': expected one of {', '.join(kinds)} "
+                            f"(e.g. {{loguniform: [1.0e-4, 3.0e-3]}}), got {v!r}")
+        kind, args = next(iter(v.items()))
+        if not isinstance(args, list) or (kinds[kind] and len(args) != kinds[kind]) or not args:
+            raise TuneError(f"--search-space {p}: '{key}': {kind} takes a list"
+                            + (f" of {kinds[kind]} values" if kinds[kind] else " of values") + f", got {args!r}")
+        space[key] = {kind: args}
+    return space
+
+
+def _domain(spec: dict[str, Any]):
+    from ray import tune
+
+    kind, args = next(iter(spec.items()))
+    if kind == "value":
+        return args
+    if kind == "choice":
+        return tune.choice(args)
+    if kind == "grid":
+        return tune.grid_search(args)
+    if kind == "loguniform":
+        return tune.loguniform(float(args[0]), float(args[1]))
+    if kind == "uniform":
+        return tune.uniform(float(args[0]), float(args[1]))
+    if kind == "quniform":
+        return tune.quniform(float(args[0]), float(args[1]), float(args[2]))
+    return tune.randint(int(args[0]), int(args[1]))
+
+
+def _overrides_from(values: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def _check_space_against_config(config: str, overrides: list[str], space: dict[str, dict[str, Any]]) -> None:
+    """Every path must be a config key and every value a valid one: load the config at each domain's ends."""
+    from jobs.config import ConfigError, load_config
+
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        probes = [args] if kind == "value" else (args[:2] if kind not in ("choice", "grid") else args)
+        for v in probes:
+            try:
+                load_config(config, [*overrides, *_overrides_from({key: v})])
+            except ConfigError as e:
+                raise TuneError(f"search space '{key}' = {v!r}: {e}") from None
+
+
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str) -> None:
+    """One Tune trial: the config with the sampled values -> a TorchTrainer (jobs.train.build_trainer) fit with
+    Tune's Train report callback, so every epoch's metrics reach Tune (and ASHA) as they are reported."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs import data as job_data
+    from jobs import run_files
+    from jobs.config import _merge, _set_dotted, config_from_dict
+    from jobs.train import STATE_FILE, _yaml, build_trainer
+
+    tree: dict[str, Any] = {}
+    for k, v in config.items():
+        _set_dotted(tree, k, v)
+    trial_id = tune.get_context().get_trial_id()
+    raw = _merge(base, tree)
+    raw["run"] = {**raw.get("run", {}), "name": trial_id, "storage_path": trials_dir}
+    cfg = config_from_dict(raw)
+    storage = run_files.storage_uri(trials_dir)
+    run_dir = run_files.join(storage, trial_id)
+    data = job_data.prepare(cfg)
+    run_files.makedirs(run_dir)
+    run_files.write_text(run_files.join(run_dir, "config.yaml"), _yaml(cfg))
+    datasets, logs = job_data.ray_datasets(cfg, data)
+    trainer = build_trainer(cfg, data, datasets, logs["train"], storage, run_dir, callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    job_data.write_errors(logs, run_dir)
+    if result.error:
+        raise result.error
+    if result.checkpoint:  # the trial's inference checkpoint where `mone tune budgets` / evaluate look for it
+        with result.checkpoint.as_directory() as local:
+            if (Path(local) / "inference").is_dir():
+                run_files.upload_dir(Path(local) / "inference", run_files.join(run_dir, "inference"))
+            if (Path(local) / STATE_FILE).is_file():
+                hist = json.loads((Path(local) / STATE_FILE).read_text())["history"]
+                run_files.write_text(run_files.join(run_dir, "metrics.jsonl"),
+                                     "".join(json.dumps(m) + "\n" for m in hist))
+
+
+def trials_that_fit(cfg, resources: dict[str, float]) -> int:
+    """How many trials (each: its Train workers + its decode tasks) the cluster runs at once."""
+    s = cfg.scaling
+    cpu_need = s.num_workers * s.cpus_per_worker + cfg.data.decode_cpus * max(1, cfg.data.decode_concurrency)
+    n = int((resources.get("CPU", 0.0) + 1e-9) // (cpu_need + 0.01))  # + the trial's own 0.01 CPU
+    if s.use_gpu:
+        n = min(n, int(resources.get("GPU", 0.0) // (s.num_workers * s.gpus_per_worker)))
+    return max(1, n)
+
+
+def tune_train(config: str, overrides: list[str] | None, search_space: str | os.PathLike, *, trials: int = 8,
+               name: str | None = None, resume: bool = False, metric: str | None = None, mode: str = "max",
+               grace_period: int = 1, max_concurrent: int | None = None, address: str | None = None,
+               seed: int = 0, verbose: int = 1, echo=print) -> dict[str, Any]:
+    """Runs (or resumes) a training-time search; returns the summary (the CLI's final JSON line)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from jobs import data as job_data
+    from jobs import run_files
+    from jobs.config import load_config
+
+    t0 = time.time()
+    overrides = list(overrides or [])
+    cfg = load_config(config, overrides)  # validated before Ray starts
+    space = load_search_space(search_space)
+    _check_space_against_config(config, overrides, space)
+    if trials < 1:
+        raise TuneError(f"--trials {trials}: must be >= 1")
+    if metric is None:
+        vb = cfg.mone.val_budgets
+        metric = f"top1_ec{0.3 if 0.3 in vb else vb[0]}"
+    known = {f"{k}_ec{b}" for b in cfg.mone.val_budgets for k in ("top1", "top5", "gflops")} | {"train_loss"}
+    if metric not in known:
+        raise TuneError(f"--metric {metric}: not reported by training; one of {', '.join(sorted(known))}")
+    name = name or f"tune_{cfg.run_name}"
+    storage = run_files.storage_uri(cfg.run.storage_path)
+    exp_dir = run_files.join(storage, name)
+    trials_dir = run_files.join(exp_dir, "trials")
+    job_data.prepare(cfg)  # generate the synthetic dataset once, before trials race for it
+
+    from jobs.train import _worker_env
+
+    for k, v in _worker_env(cfg).items():
+        os.environ.setdefault(k, v)
+    _ray_init(address)
+    resources = ray.cluster_resources()
+    concurrent = max_concurrent or trials_that_fit(cfg, resources)
+    from jobs.train import check_resources
+
+    check_resources(cfg, resources)  # one trial must fit, or it would wait forever
+
+    base = cfg.to_dict()
+    trainable = tune.with_resources(  # ~0 CPU for the trial itself: its TorchTrainer takes the CPUs (deadlock 2)
+        tune.with_parameters(train_trial, base=base, trials_dir=trials_dir), {"cpu": 0.01})
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
+                              grace_period=max(1, min(grace_period, cfg.optim.epochs)), reduction_factor=2)
+    from ray.tune import CLIReporter
+
+    sampled = [k for k, s in space.items() if "value" not in s]
+    reporter = CLIReporter(parameter_columns=sampled, metric_columns=[metric, "train_loss", "epoch"],
+                           max_report_frequency=30)
+    run_config = tune.RunConfig(name=name, storage_path=storage, progress_reporter=reporter, verbose=verbose)
+
+    resumed = False
+    if tune.Tuner.can_restore(exp_dir):
+        echo(f"[tune] resuming experiment {exp_dir}", flush=True)
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+        resumed = True
+    else:
+        if resume:
+            echo(f"[tune] --resume: nothing to resume at {exp_dir}; starting it", flush=True)
+        grid = any("grid" in s for s in space.values())
+        # Optuna's categorical values must be scalars: a choice among lists (e.g. budget sets) -> random search.
+        scalar = all(isinstance(v, (int, float, str, bool)) or v is None
+                     for s in space.values() if "choice" in s for v in s["choice"])
+        searcher = OptunaSearch(metric=metric, mode=mode, seed=seed) if scalar and not grid else None
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: _domain(s) for k, s in space.items()},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=trials, max_concurrent_trials=concurrent),
+            run_config=run_config,
+        )
+    echo(f"[tune] {trials} trial(s), {concurrent} at a time, ASHA on {metric} ({mode}); experiment {exp_dir}",
+         flush=True)
+    results = tuner.fit()
+
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        trial_id = Path(r.path).name if r.path else None
+        tid = m.get("trial_id") or trial_id
+        rows.append({"trial_id": tid, **{k: (r.config or {}).get(k) for k in sampled},
+                     metric: m.get(metric), "epochs": m.get("training_iteration"),
+                     "train_loss": m.get("train_loss"), "run_dir": run_files.join(trials_dir, str(tid)),
+                     "error": repr(r.error)[:300] if r.error else None})
+    done = [x for x in rows if x[metric] is not None]
+    best = (max if mode == "max" else min)(done, key=lambda x: x[metric]) if done else None
+    if rows:
+        import pandas as pd
+
+        df = pd.DataFrame(rows).sort_values(metric, ascending=mode == "min", na_position="last")
+        echo(df.drop(columns=["run_dir"]).to_string(index=False))
+        with run_files.local_copy_for_write(run_files.join(exp_dir, "trials.parquet")) as local:
+            df.to_parquet(local, index=False)
+    summary: dict[str, Any] = {
+        "experiment": exp_dir, "resumed": resumed, "trials": len(rows), "metric": metric, "mode": mode,
+        "errors": sum(1 for x in rows if x["error"]), "wall_s": round(time.time() - t0, 1),
+        "best": best and {**{k: best[k] for k in sampled}, metric: best[metric], "epochs": best["epochs"],
+                          "trial_id": best["trial_id"], "run_dir": best["run_dir"],
+                          "checkpoint": run_files.join(best["run_dir"], "inference")},
+    }
+    if best:
+        echo(f"[tune] best: {metric}={best[metric]:.4f} with "
+             + ", ".join(f"{k}={best[k]}" for k in sampled) + f" ({best['run_dir']})")
+    return summary
