@@ -6,15 +6,15 @@ Measured side by side in one run, with equal cores (2 by default):
 - decode-only limit: our decoder alone (pipeline.decode.read_frames with the clip's frame indices, reduced-size
   decode), no Ray, no transforms/tokens, in `cores` processes. The ceiling for any pipeline built on it.
 - ours: `pipeline.dataset.build_dataset` (decord, uint8 all the way, the ClipLoader UDF in a Ray Data task pool:
-  `cores + 1` tasks sharing `cores` logical CPUs of a local Ray) read with `iter_torch_batches`, for `epochs`
-  epochs; clips/s is the median over epochs after the first (which also starts the worker processes; reported
-  too). RSS of every Ray process (workers + raylet/GCS, object store pages included) and of the driver sampled
-  every 0.25 s, peak per epoch.
+  `cores + 1` tasks sharing `cores` logical CPUs of a local Ray) read with `iter_torch_batches`, one epoch per
+  round (10 by default); RSS of every Ray process (workers + raylet/GCS, object store pages included) and of the
+  driver sampled every 0.25 s, peak per epoch.
 - baseline: a PyTorchVideo/PySlowFast-style `torch.utils.data.Dataset` whose `__getitem__` opens the file with
   PyAV, decodes every frame of the clip window to full-size RGB, subsamples, short-side resizes (float), crops and
   tokenizes; `DataLoader(num_workers=cores)`.
-The decode-only limit is measured before and after the others and averaged (the machine may be shared).
-Ends with ONE JSON line of figures. The CPU may be shared: figures are indicative.
+The machine may be shared and its load drifts, so the contenders run in rounds (one epoch of each per round) and
+speed ratios are taken within a round, then the median over rounds after the first (which also starts Ray's
+worker processes). Ends with ONE JSON line of figures. Figures on a shared CPU are indicative.
 """
 
 from __future__ import annotations
@@ -82,21 +82,6 @@ class PyAVClipDataset:
         return {"tokens": tok[None], "label": self.labels[i]}
 
 
-def run_baseline(paths, labels, spec, cores: int, epochs: int, batch_size: int) -> dict:
-    import torch
-
-    ds = PyAVClipDataset(paths, labels, spec)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=cores,
-                                     persistent_workers=epochs > 1)
-    rates = []
-    for _ in range(epochs):
-        t0, n = time.perf_counter(), 0
-        for b in dl:
-            n += b["tokens"].shape[0]
-        rates.append(n / (time.perf_counter() - t0))
-    return {"clips_per_s": rates[-1] if len(rates) == 1 else float(np.median(rates[1:])), "epochs": rates}
-
-
 # --------------------------------------------------------------------------------------------------- decode only
 
 
@@ -110,18 +95,6 @@ def _decode_only(args) -> int:
         read_frames(p, lambda nf, fps, rng=rng: sample_indices(nf, spec, rng), short_side=spec.short_side)
         n += 1
     return n
-
-
-def run_decode_only(paths, spec, cores: int) -> dict:
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    chunks = [paths[i::cores] for i in range(cores)]
-    with ProcessPoolExecutor(cores, mp_context=get_context("spawn")) as ex:
-        list(ex.map(_decode_only, [(c[:2], spec, 0) for c in chunks]))  # warm-up: imports, page cache
-        t0 = time.perf_counter()
-        n = sum(ex.map(_decode_only, [(c, spec, 1) for c in chunks]))
-    return {"clips_per_s": n / (time.perf_counter() - t0)}
 
 
 # ---------------------------------------------------------------------------------------------------------- ours
@@ -165,38 +138,77 @@ class _Sampler:
         self._t.join()
 
 
-def run_ours(manifest, spec, cores: int, epochs: int, batch_size: int, tasks: int, udf_batch: int) -> dict:
-    import ray
+class Ours:
+    """Our pipeline on a local Ray with `cores` CPUs; `epoch()` reads one epoch and samples memory."""
 
-    from pipeline.dataset import ErrorLog, TorchCollate, build_dataset
+    def __init__(self, manifest, spec, cores: int, batch_size: int, tasks: int, udf_batch: int):
+        import ray
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    log = ErrorLog(manifest.num_rows, None)
-    # `tasks` decode tasks share the `cores` logical CPUs (one more than cores by default: it hides the gaps
-    # while a task waits on Ray's scheduler / object store; the machine still has `cores` CPUs for everything).
-    ds = build_dataset(manifest, spec, concurrency=tasks, num_cpus_per_task=round(cores / tasks, 3), seed=0,
-                       epoch=None, error_log=log, batch_size=udf_batch)
-    per_epoch = []
-    for e in range(epochs):
-        log.set_epoch(e)
+        from pipeline.dataset import ErrorLog, TorchCollate, build_dataset
+
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        self.log = ErrorLog(manifest.num_rows, None)
+        # `tasks` decode tasks share the `cores` logical CPUs (one more than cores by default: it hides the gaps
+        # while a task waits on Ray's scheduler / object store; the machine still has `cores` CPUs in all).
+        self.ds = build_dataset(manifest, spec, concurrency=tasks, num_cpus_per_task=round(cores / tasks, 3),
+                                seed=0, epoch=None, error_log=self.log, batch_size=udf_batch)
+        self.collate, self.batch_size, self.e = TorchCollate(), batch_size, 0
+
+    def epoch(self) -> dict:
+        self.log.set_epoch(self.e)
         with _Sampler() as s:
             t0, n, first = time.perf_counter(), 0, None
-            for b in ds.iter_torch_batches(batch_size=batch_size, collate_fn=TorchCollate(), prefetch_batches=2):
+            for b in self.ds.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate,
+                                                prefetch_batches=2):
                 n += b["tokens"].shape[0]
                 first = first or time.perf_counter() - t0
             dt = time.perf_counter() - t0
-        per_epoch.append({"epoch": e, "clips": n, "seconds": round(dt, 2), "clips_per_s": round(n / dt, 2),
-                          "startup_s": round(first or 0, 2), "steady_clips_per_s": round(
-                              max(n - batch_size, 1) / max(dt - (first or 0), 1e-6), 2),
-                          "ray_rss_peak_mb": round(s.peak), "driver_rss_peak_mb": round(s.driver_peak)})
-        print(f"  ours epoch {e}: {n} clips in {dt:.1f} s = {n / dt:.1f} clips/s (first batch after "
-              f"{first or 0:.1f} s); peak RSS Ray {s.peak:.0f} MB, driver {s.driver_peak:.0f} MB", flush=True)
-    ray.shutdown()
-    later = per_epoch[1:] or per_epoch  # epoch 0 also starts the worker processes (imports): a one-off
-    return {"clips_per_s": float(np.median([p["clips_per_s"] for p in later])),
-            "steady_clips_per_s": float(np.median([p["steady_clips_per_s"] for p in later])),
-            "first_epoch_clips_per_s": per_epoch[0]["clips_per_s"], "epochs": per_epoch}
+        out = {"epoch": self.e, "clips": n, "seconds": round(dt, 2), "clips_per_s": round(n / dt, 2),
+               "startup_s": round(first or 0, 2),
+               "steady_clips_per_s": round(max(n - self.batch_size, 1) / max(dt - (first or 0), 1e-6), 2),
+               "ray_rss_peak_mb": round(s.peak), "driver_rss_peak_mb": round(s.driver_peak)}
+        self.e += 1
+        return out
+
+    def close(self):
+        import ray
+
+        ray.shutdown()
+
+
+class DecodeOnly:
+    def __init__(self, paths, spec, cores: int):
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        self.chunks = [paths[i::cores] for i in range(cores)]
+        self.spec, self.r = spec, 0
+        self.ex = ProcessPoolExecutor(cores, mp_context=get_context("spawn"))
+        list(self.ex.map(_decode_only, [(c[:2], spec, 0) for c in self.chunks]))  # imports, page cache
+
+    def epoch(self) -> float:
+        self.r += 1
+        t0 = time.perf_counter()
+        n = sum(self.ex.map(_decode_only, [(c, self.spec, self.r) for c in self.chunks]))
+        return n / (time.perf_counter() - t0)
+
+    def close(self):
+        self.ex.shutdown()
+
+
+class Baseline:
+    def __init__(self, paths, labels, spec, cores: int, batch_size: int):
+        import torch
+
+        self.dl = torch.utils.data.DataLoader(PyAVClipDataset(paths, labels, spec), batch_size=batch_size,
+                                              shuffle=True, num_workers=cores, persistent_workers=True)
+
+    def epoch(self) -> float:
+        t0, n = time.perf_counter(), 0
+        for b in self.dl:
+            n += b["tokens"].shape[0]
+        return n / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -205,8 +217,9 @@ def run_ours(manifest, spec, cores: int, epochs: int, batch_size: int, tasks: in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer videos and epochs (about a minute)")
-    ap.add_argument("--videos", type=int, default=None, help="videos (default 192; quick 64)")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs of our pipeline (default 10; quick 3)")
+    ap.add_argument("--videos", type=int, default=None, help="videos (default 256; quick 96)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="rounds: one epoch of each contender per round (default 10; quick 3)")
     ap.add_argument("--cores", type=int, default=2, help="CPUs for each contender")
     ap.add_argument("--size", default="320x240", help="video size WxH (K400-like by default)")
     ap.add_argument("--frames", type=int, default=64, help="frames per video")
@@ -215,7 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--udf-batch", type=int, default=8, help="clips per map_batches call")
     ap.add_argument("--data", default="~/.cache/mone/bench", help="where the benchmark videos are generated")
     args = ap.parse_args(argv)
-    n_videos = args.videos or (64 if args.quick else 192)
+    n_videos = args.videos or (96 if args.quick else 256)
     epochs = args.epochs or (3 if args.quick else 10)
     w, h = (int(v) for v in args.size.split("x"))
 
@@ -235,39 +248,45 @@ def main(argv=None) -> int:
                     patch=16, train=True, flip=False, train_crop="random")
     print(f"{len(paths)} videos {w}x{h}, {args.frames} frames; clip {spec.num_frames}x{spec.crop_size}^2 stride "
           f"{spec.stride} -> tokens {spec.tokens_shape}; {args.cores} cores each", flush=True)
-    # The machine is shared: decode-only is measured before and after the others and averaged.
-    dec1 = run_decode_only(paths, spec, args.cores)
-    print(f"decode-only limit (our decoder, {args.cores} processes, no Ray): {dec1['clips_per_s']:.1f} clips/s",
-          flush=True)
-    base = run_baseline(paths, labels, spec, args.cores, 2 if not args.quick else 1, args.batch_size)
-    print(f"baseline DataLoader(num_workers={args.cores}) + PyAV: {base['clips_per_s']:.1f} clips/s", flush=True)
-    ours = run_ours(manifest, spec, args.cores, epochs, args.batch_size, args.tasks or args.cores + 1,
-                    args.udf_batch)
-    dec2 = run_decode_only(paths, spec, args.cores)
-    print(f"decode-only limit again: {dec2['clips_per_s']:.1f} clips/s", flush=True)
-    dec = {"clips_per_s": (dec1["clips_per_s"] + dec2["clips_per_s"]) / 2}
+    # The machine may be shared and its load drifts: the three contenders run in rounds, one epoch each per round,
+    # and ratios are taken within a round (paired), then the median over rounds.
+    dec = DecodeOnly(paths, spec, args.cores)
+    base = Baseline(paths, labels, spec, args.cores, args.batch_size)
+    ours = Ours(manifest, spec, args.cores, args.batch_size, args.tasks or args.cores + 1, args.udf_batch)
+    rounds = []
+    for r in range(epochs):
+        d, bl = dec.epoch(), base.epoch()
+        o = ours.epoch()
+        rounds.append({"decode_only": round(d, 2), "baseline": round(bl, 2), **o})
+        print(f"round {r}: decode-only {d:.1f} | baseline {bl:.1f} | ours {o['clips_per_s']:.1f} clips/s "
+              f"(first batch after {o['startup_s']:.1f} s) | peak RSS Ray {o['ray_rss_peak_mb']} MB, driver "
+              f"{o['driver_rss_peak_mb']} MB", flush=True)
+    ours.close()
+    dec.close()
+    later = rounds[1:] or rounds  # round 0 also starts Ray's worker processes (imports): a one-off
+    med = lambda key: float(np.median([x[key] for x in later]))  # noqa: E731
+    ratio = lambda a, b: float(np.median([x[a] / x[b] for x in later]))  # noqa: E731
     tokens = spec.num_views * spec.num_tokens
-    peaks = [e["ray_rss_peak_mb"] for e in ours["epochs"]]
-    later = peaks[1:] or peaks
+    peaks = [x["ray_rss_peak_mb"] for x in rounds]
     result = {
-        "ours_clips_per_s": round(ours["clips_per_s"], 2),
-        "ours_steady_clips_per_s": round(ours["steady_clips_per_s"], 2),
-        "baseline_clips_per_s": round(base["clips_per_s"], 2),
-        "decode_only_clips_per_s": round(dec["clips_per_s"], 2),
-        "decode_only_runs_clips_per_s": [round(dec1["clips_per_s"], 2), round(dec2["clips_per_s"], 2)],
-        "ours_first_epoch_clips_per_s": ours["first_epoch_clips_per_s"],
-        "ours_tokens_per_s": round(ours["clips_per_s"] * tokens),
-        "baseline_tokens_per_s": round(base["clips_per_s"] * tokens),
-        "speedup_vs_baseline": round(ours["clips_per_s"] / base["clips_per_s"], 2),
-        "fraction_of_decode_only": round(ours["clips_per_s"] / dec["clips_per_s"], 2),
-        "steady_fraction_of_decode_only": round(ours["steady_clips_per_s"] / dec["clips_per_s"], 2),
+        "ours_clips_per_s": round(med("clips_per_s"), 2),
+        "ours_steady_clips_per_s": round(med("steady_clips_per_s"), 2),
+        "baseline_clips_per_s": round(med("baseline"), 2),
+        "decode_only_clips_per_s": round(med("decode_only"), 2),
+        "ours_tokens_per_s": round(med("clips_per_s") * tokens),
+        "baseline_tokens_per_s": round(med("baseline") * tokens),
+        "speedup_vs_baseline": round(ratio("clips_per_s", "baseline"), 2),
+        "fraction_of_decode_only": round(ratio("clips_per_s", "decode_only"), 2),
+        "steady_fraction_of_decode_only": round(ratio("steady_clips_per_s", "decode_only"), 2),
+        "ours_first_round_clips_per_s": rounds[0]["clips_per_s"],
         "peak_ray_rss_mb_per_epoch": peaks,
-        "peak_driver_rss_mb_per_epoch": [e["driver_rss_peak_mb"] for e in ours["epochs"]],
-        "rss_growth_mb_after_epoch0": round(max(later) - min(later), 1),
-        "epoch_startup_s": [e["startup_s"] for e in ours["epochs"]],
+        "peak_driver_rss_mb_per_epoch": [x["driver_rss_peak_mb"] for x in rounds],
+        "rss_growth_mb_after_epoch0": round(max(peaks[1:] or peaks) - min(peaks[1:] or peaks), 1),
+        "epoch_startup_s": [x["startup_s"] for x in rounds],
+        "rounds": [{k: x[k] for k in ("decode_only", "baseline", "clips_per_s")} for x in rounds],
         "videos": len(paths), "epochs": epochs, "cores": args.cores, "ray_decode_tasks": args.tasks or args.cores + 1,
-        "udf_batch": args.udf_batch, "video_size": args.size,
-        "frames": args.frames, "clip": spec.to_dict(), "load_avg": os.getloadavg()[0],
+        "udf_batch": args.udf_batch, "video_size": args.size, "frames": args.frames, "clip": spec.to_dict(),
+        "load_avg": os.getloadavg()[0],
     }
     print(json.dumps(result))
     return 0

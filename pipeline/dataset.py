@@ -17,13 +17,15 @@ message. `ErrorLog.write(run_dir)` writes `errors.parquet` (path, stage, error).
 dataset instead keeps the bad rows (zero tokens) with `error`/`stage` columns, and `split_errors(ds)` separates
 them (materialises; for offline checks, not for streaming).
 
-Epochs: Ray Train re-executes the same dataset every epoch. Randomness (sampling, crops, flips, order) is seeded
-per clip from (seed, epoch, path). Pass `epoch=` to fix it, or leave `epoch=None` and call
-`error_log.set_epoch(e)` at the start of each epoch (like DistributedSampler.set_epoch); the workers read it.
+Epochs: Ray Train re-executes the same dataset every epoch. Sampling offsets, crops and flips are seeded per clip
+from (seed, epoch, path), so a clip is the same on any worker and in any order. Pass `epoch=` to fix it, or leave
+`epoch=None` and call `error_log.set_epoch(e)` at the start of each epoch (like DistributedSampler.set_epoch);
+the workers read it. Order: rows are permuted with (seed, epoch) when the dataset is built and the block order
+is re-randomised on every execution (not seeded).
 
 Resources (STACK.md deadlock 1): with Train workers holding CPUs, Ray Data needs some left. `num_cpus_per_task`
-may be fractional (e.g. 0.25) and `concurrency` bounds the decode actors; the defaults fit a 2-CPU machine and
-work unchanged on a cluster.
+may be fractional (e.g. 0.25) and `concurrency` bounds the concurrent decode tasks (or actors); the defaults
+(up to one task per cluster CPU) fit a 2-CPU machine and work unchanged on a cluster.
 """
 
 from __future__ import annotations
