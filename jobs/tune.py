@@ -438,16 +438,12 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
         tune.with_parameters(budget_trial, checkpoint=str(ckpt_dir),
                              data={"tokens": tokens, "labels": ys, "views": views}),  # one ray.put, every trial gets it
         {"cpu": 1})
-    from ray.tune import CLIReporter
-
-    reporter = CLIReporter(parameter_columns=["e_c", "space"], metric_columns=["top1", "gflops", "e_c_actual"],
-                           max_report_frequency=30)
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="search", storage_path=str(out), progress_reporter=reporter,
-                                  verbose=verbose),
+        # Tune's own progress table (Ray 2.60's output engine ignores a custom ProgressReporter)
+        run_config=tune.RunConfig(name="search", storage_path=str(out), verbose=verbose),
     )
     t_search = time.time()
     grid = tuner.fit()
@@ -662,6 +658,19 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str
                                      "".join(json.dumps(m) + "\n" for m in hist))
 
 
+def _publish_inference(checkpoint_path: str | None, run_dir: str) -> None:
+    """Copies a trial's latest inference checkpoint to RUN_DIR/inference (where `mone tune budgets`, evaluate and
+    visualize look). Done by the driver: Tune ends a trial at its last report (ASHA's max_t), before the trial
+    function's own code after `fit()` runs. TuneReportCallback puts the checkpoint's path in the metrics."""
+    from jobs import run_files
+
+    if not checkpoint_path or run_files.is_remote(run_dir):
+        return
+    src = Path(checkpoint_path) / "inference"
+    if src.is_dir():
+        run_files.upload_dir(src, run_files.join(run_dir, "inference"))
+
+
 def trials_that_fit(cfg, resources: dict[str, float]) -> int:
     """How many trials (each: its Train workers + its decode tasks) the cluster runs at once."""
     s = cfg.scaling
@@ -721,12 +730,9 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
         tune.with_parameters(train_trial, base=base, trials_dir=trials_dir), {"cpu": 0.01})
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                               grace_period=max(1, min(grace_period, cfg.optim.epochs)), reduction_factor=2)
-    from ray.tune import CLIReporter
-
     sampled = [k for k, s in space.items() if "value" not in s]
-    reporter = CLIReporter(parameter_columns=sampled, metric_columns=[metric, "train_loss", "epoch"],
-                           max_report_frequency=30)
-    run_config = tune.RunConfig(name=name, storage_path=storage, progress_reporter=reporter, verbose=verbose)
+    # Tune's own progress table (Ray 2.60's output engine ignores a custom ProgressReporter)
+    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=verbose)
 
     resumed = False
     if tune.Tuner.can_restore(exp_dir):
@@ -755,8 +761,8 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
     rows = []
     for r in results:
         m = r.metrics or {}
-        trial_id = Path(r.path).name if r.path else None
-        tid = m.get("trial_id") or trial_id
+        tid = m.get("trial_id") or (Path(r.path).name if r.path else None)
+        _publish_inference(m.get("checkpoint_path"), run_files.join(trials_dir, str(tid)))
         rows.append({"trial_id": tid, **{k: (r.config or {}).get(k) for k in sampled},
                      metric: m.get(metric), "epochs": m.get("training_iteration"),
                      "train_loss": m.get("train_loss"), "run_dir": run_files.join(trials_dir, str(tid)),
