@@ -736,7 +736,8 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
 
     resumed = False
     if tune.Tuner.can_restore(exp_dir):
-        echo(f"[tune] resuming experiment {exp_dir}", flush=True)
+        echo(f"[tune] resuming experiment {exp_dir} (its own search space and trial count apply; give --name for "
+             f"a new experiment)", flush=True)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         resumed = True
     else:

@@ -122,14 +122,18 @@ def tiny_ckpt(tmp_path_factory):
 def test_budget_search_frontier_flops_and_budgets_json(ray_cluster, tiny_ckpt, tmp_path, capsys):
     import pandas as pd
 
+    from jobs.cli import main
     from jobs.evaluate import read_budgets_file, run_evaluation
-    from jobs.tune import tune_budgets
     from models.flops import model_flops
     from models.vit import create_model
 
     ckpt, root = tiny_ckpt
-    # no --data: the dataset recorded in inference.json is used
-    summary = tune_budgets(ckpt.parent, budgets="0.2,0.3", trials=6, out=tmp_path / "out", verbose=0)
+    # the CLI (in-process: the module's Ray); no --data: the dataset recorded in inference.json is used
+    assert main(["tune", "budgets", "--checkpoint", str(ckpt.parent), "--budgets", "0.2,0.3", "--trials", "6",
+                 "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "heuristic top-1" in printed
+    summary = json.loads(printed.strip().splitlines()[-1])  # the final JSON line
     out = Path(summary["out"])
     for key in ("frontier", "budgets", "plot", "trials_table"):
         assert Path(summary[key]).is_file(), key
@@ -163,8 +167,6 @@ def test_budget_search_frontier_flops_and_budgets_json(ray_cluster, tiny_ckpt, t
         entry = doc["budgets"][f"{tgt['e_c']:g}"]
         assert entry["e_c"] <= tgt["e_c"] + 1e-6
         assert entry["top1"] == trials[trials["e_c"] <= tgt["e_c"] + 1e-6]["top1"].max()
-    line = capsys.readouterr().out
-    assert "heuristic top-1" in line
 
     # ... and round-trips into `mone evaluate --budgets`: same e_c keys, same capacities, same accuracy
     table = read_budgets_file(out / "budgets.json")
