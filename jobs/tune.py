@@ -526,7 +526,7 @@ def _plot_frontier(trials_df, front, ref_rows, path: Path, model_name: str) -> N
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.scatter(trials_df["gflops"], 100 * trials_df["top1"], s=14, alpha=0.35, color="C0", label="tuned trials")
-    ax.plot(front["gflops"], 100 * front["top1"], "o-", color="C0", label="tuned Pareto front")
+    ax.plot(front["gflops"], 100 * front["top1"], "o-", color="C0", label="tuned Pareto front", zorder=4)
     heur = [r for r in ref_rows if r["source"] == "heuristic"]
     ax.plot([r["gflops"] for r in heur], [100 * r["top1"] for r in heur], "s--", color="C1",
             label="heuristic (δ=2, β=10)")
