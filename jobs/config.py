@@ -113,6 +113,7 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs
     num_to_keep: int = 2
     log_every: int = 10  # steps
+    record_shards: bool = False  # audit: write the clips each rank trained on per epoch to run_dir/shards/
 
 
 @dataclass

@@ -210,9 +210,10 @@ def build_runtime_env(
     pip: list[str] | None = None,
     excludes: list[str] | None = None,
 ) -> dict[str, Any]:
-    # The driver's own ray.init(runtime_env=...) (train sets env vars for its workers) is merged with this job
-    # runtime env; Ray refuses the merge when both name the same variable unless told that the driver's wins.
-    env_vars = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", **(env or {})}
+    # Ray refuses to merge a driver's ray.init(runtime_env=...) with this job's when both name a variable, unless
+    # told that the driver's wins: kept so user scripts that pass their own runtime_env still run.
+    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 would otherwise print every worker line twice (see jobs/train.py).
+    env_vars = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(env or {})}
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "excludes": [*DEFAULT_EXCLUDES, *(excludes or [])],

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"mone train: {e}")
         return 2
-    summary = train(cfg, address=args.address, check_resources=not args.no_resource_check)
+    summary = train(cfg, address=args.address, resource_check=not args.no_resource_check)
     print(json.dumps(summary))
     return 0
 
@@ -88,11 +88,9 @@ def check_resources(cfg: TrainConfig, resources: dict[str, float]) -> None:
             )
 
 
-def train(cfg: TrainConfig, *, address: str | None = None, check_resources: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool = True) -> dict[str, Any]:
     """Runs (or resumes) one training run; returns the summary printed as the final JSON line."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs import data as job_data
 
@@ -102,10 +100,13 @@ def train(cfg: TrainConfig, *, address: str | None = None, check_resources: bool
     data = job_data.prepare(cfg)  # generate (cached) + manifests + label map; no Ray needed
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": _worker_env(cfg)})
-    if check_resources:
-        globals()["check_resources"](cfg, ray.cluster_resources())
+        # Worker settings travel as environment: a local Ray started here inherits the driver's; a job
+        # submitted with `mone submit` gets them in its runtime_env (a second runtime_env here would clash).
+        for k, v in _worker_env(cfg).items():
+            os.environ.setdefault(k, v)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if resource_check:
+        check_resources(cfg, ray.cluster_resources())
 
     run_files.makedirs(run_dir)
     run_files.write_text(run_files.join(run_dir, "config.yaml"), _yaml(cfg))
@@ -116,33 +117,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, check_resources: bool
         run_files.write_text(run_files.join(run_dir, "missing.txt"), "\n".join(data.missing) + "\n")
 
     datasets, error_logs = job_data.ray_datasets(cfg, data)
-    loop_config = {
-        "config": cfg.to_dict(),
-        "labels": data.labels,
-        "num_train": data.num_train,
-        "num_val": data.num_val,
-        "run_dir": run_dir,
-        "eval_clip": data.eval_clip,
-        "train_error_log": error_logs["train"],
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=_worker_resources(cfg),
-        ),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
-        ),
-        datasets=datasets,
-        dataset_config=job_data.split_config(),
-    )
+    trainer = build_trainer(cfg, data, datasets, error_logs["train"], storage, run_dir)
     print(f"[mone] run {cfg.run_name!r}: {data.num_train} train / {data.num_val} val clips, "
           f"{len(data.labels)} classes, {cfg.scaling.num_workers} worker(s), model {cfg.model.variant}; "
           f"run directory {run_dir}")
@@ -189,6 +164,44 @@ def train(cfg: TrainConfig, *, address: str | None = None, check_resources: bool
     return summary
 
 
+def build_trainer(cfg: TrainConfig, data, datasets: dict[str, Any], train_error_log, storage: str, run_dir: str,
+                  callbacks: list | None = None):
+    """The TorchTrainer of one run (also built inside each `mone tune train` trial, with Tune's callback)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs import data as job_data
+
+    loop_config = {
+        "config": cfg.to_dict(),
+        "labels": data.labels,
+        "num_train": data.num_train,
+        "num_val": data.num_val,
+        "run_dir": run_dir,
+        "eval_clip": data.eval_clip,
+        "train_error_log": train_error_log,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=_worker_resources(cfg),
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=job_data.split_config(),
+    )
+
+
 def _yaml(cfg: TrainConfig) -> str:
     with tempfile.TemporaryDirectory() as d:
         dump_config(cfg, Path(d) / "c.yaml")
@@ -203,7 +216,12 @@ def _worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
-    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        "PYTHONUNBUFFERED": "1",
+        # Train V2 reroutes worker print() through a logger that here also tees to stdout: every line twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, explicitly (no Intel extensions needed)
     return env
@@ -342,6 +360,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     model.to(device)
     net = TokensClassifier(model)
 
+    if not use_gpu:  # also when the cluster was started without our environment (`ray start`, a job)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     _disable_deepspeed_shm_comm()
@@ -383,7 +403,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         loop["train_error_log"].set_epoch(epoch)  # decode workers seed sampling/crops with it
         engine.train()
         t_epoch, n_clips, loss_sum, n_steps = time.time(), 0, 0.0, 0
+        seen: list[str] = []
         for batch in job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True):
+            seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
             # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
             e_c = float(np.random.default_rng([cfg.run.seed, global_step]).choice(budgets, p=probs))
@@ -402,6 +424,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                       f"loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"{rate:.1f} clips/s", flush=True)
         train_time = time.time() - t_epoch
+        if cfg.run.record_shards:
+            run_files.write_text(run_files.join(loop["run_dir"], "shards", f"epoch{epoch}_rank{rank}.txt"),
+                                 "".join(p + "\n" for p in seen))
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "global_step": global_step,
@@ -430,7 +455,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                         Path(tmp, "inference"), _full_state_dict(engine),
                         variant=cfg.model.variant, num_classes=len(labels), labels=labels,
                         clip=loop["eval_clip"], overrides=cfg.model.overrides,
-                        extra={"train_budgets": budgets, "run": {"name": cfg.run_name, "epoch": epoch,
+                        extra={"train_budgets": budgets, "val_budgets": list(cfg.mone.val_budgets),
+                               "dense": cfg.mone.dense, "run": {"name": cfg.run_name, "epoch": epoch,
                                                                  "global_step": global_step}},
                     )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,166 @@
+"""`mone train`: config validation before Ray starts, budget sampling, and the distributed run itself
+(2 Ray Train workers x DeepSpeed ZeRO-2 on CPU): disjoint shards, checkpoint, kill, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, load_config
+from jobs.data import budget_probabilities
+from jobs.train import check_resources
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- before any worker starts
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["model.variant=vivit_b61"], "unknown variant 'vivit_b61'; did you mean vivit_b16"),
+        (["mone.val_budgets=[0.3,1.5]"], "mone.val_budgets[1]: budget e_c=1.5 is out of range"),
+        (["mone.train_budgets=[0.1]"], "mone.train_budgets[0]: budget e_c=0.1 is out of range"),
+        (["data.root=/no/such/dataset"], "data.root: dataset path '/no/such/dataset' does not exist"),
+        (["optim.epocs=3"], "unknown config key 'optim.epocs'; did you mean 'epochs'?"),
+        (["scaling.precision=bf16"], "bf16 needs scaling.use_gpu=true"),
+        (["optim.batch_size=zero"], "optim.batch_size: expected int, got 'zero'"),
+        (["data.crop_size=70"], "data.crop_size=70 must be a multiple of data.patch=16"),
+    ],
+)
+def test_bad_config_is_named_with_its_fix(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", override)
+    assert message in str(e.value)
+
+
+def test_every_shipped_config_loads():
+    for name in ("tiny_cpu", "k400_vivit_b16", "ssv2_vivit_b16"):
+        overrides = [] if name == "tiny_cpu" else ["data.root="]  # their dataset roots are cluster paths
+        cfg = load_config(name, overrides)
+        assert cfg.model.variant
+
+
+def test_more_workers_than_resources_is_refused():
+    cfg = load_config("tiny_cpu", ["scaling.num_workers=4", "scaling.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match="needs 4.25 CPUs, the Ray cluster has 2"):
+        check_resources(cfg, {"CPU": 2.0})
+    gpu = load_config("tiny_cpu", ["scaling.use_gpu=true", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"])
+    with pytest.raises(ConfigError, match="needs 2 GPUs, the Ray cluster has 0"):
+        check_resources(gpu, {"CPU": 8.0})
+    check_resources(load_config("tiny_cpu"), {"CPU": 2.0})  # the demo fits a 2-core laptop
+
+
+def test_cli_rejects_a_bad_config_before_starting_ray(capsys):
+    import ray
+
+    from jobs.cli import main
+
+    t = time.time()
+    assert main(["train", "model.variant=nope"]) == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().out
+    assert not ray.is_initialized() and time.time() - t < 30
+
+
+def test_budget_sampling_uniform_and_isoflops():
+    budgets = [0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
+    assert budget_probabilities(budgets, None) == pytest.approx([1 / 9] * 9)
+    p = budget_probabilities(budgets, 0.4)  # isoFLOPs: expected e_c per step = 0.4, every budget still drawn
+    assert sum(p) == pytest.approx(1.0)
+    assert sum(pi * b for pi, b in zip(p, budgets, strict=True)) == pytest.approx(0.4, abs=1e-6)
+    assert min(p) > 0 and p == sorted(p, reverse=True)
+    with pytest.raises(ValueError, match="outside the training budgets"):
+        budget_probabilities(budgets, 0.1)
+
+
+# --------------------------------------------------------------------------- the distributed run
+
+
+def _train_cmd(storage: Path, cache: Path, epochs: int) -> list[str]:
+    return [
+        sys.executable, "-m", "jobs.cli", "train", "--config", "tiny_cpu",
+        f"optim.epochs={epochs}", "optim.batch_size=4", "optim.warmup_epochs=0.5",
+        "data.synth.classes=4", "data.synth.videos_per_class=6", "data.synth.val_videos_per_class=2",
+        "data.synth.corrupt=1", "data.synth.frames=8", "data.synth.width=64", "data.synth.height=64",
+        "scaling.num_workers=2", "scaling.zero_stage=2", "mone.val_budgets=[0.3,1.0]",
+        f"data.cache_dir={cache}", f"run.storage_path={storage}", "run.name=resume", "run.record_shards=true",
+        "run.max_failures=0",
+    ]
+
+
+def _run_env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, stopped with the process group
+    return env
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
+    storage, cache = tmp_path / "runs", tmp_path / "cache"
+    run_dir = storage / "resume"
+    cmd = _train_cmd(storage, cache, epochs=3)
+
+    # 1) Start, wait for the first epoch's checkpoint, then kill the whole process group (driver + local Ray).
+    log1 = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_run_env(), stdout=log1, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 420
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list(run_dir.glob("checkpoint_*")) and _metrics(run_dir):
+                break
+            time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert list(run_dir.glob("checkpoint_*")), "no checkpoint within the time limit"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = _metrics(run_dir)
+    done = {m["epoch"] for m in first}
+    assert 0 in done and len(done) < 3
+
+    # 2) The same command again resumes from the latest checkpoint and finishes.
+    out = subprocess.run(cmd, cwd=ROOT, env=_run_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    last_done = max(done)
+    assert f"resumed from epoch {last_done + 1}" in out.stdout + out.stderr
+    history = _metrics(run_dir)
+    assert [m["epoch"] for m in history] == [0, 1, 2]  # no epoch twice, none lost
+    assert history[: len(first)] == first  # finished epochs are kept, not redone
+    steps = [m["global_step"] for m in history]
+    per_epoch = steps[0]
+    assert per_epoch > 0 and steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]  # the step counter continues
+    assert summary["epochs"] == 3 and summary["global_step"] == 3 * per_epoch
+    assert summary["num_classes"] == 4 and 0.0 <= summary["top1_ec0.3"] <= 1.0
+    assert summary["bad_videos"] >= 1  # the corrupt file was skipped and recorded
+    assert (run_dir / "errors.parquet").exists() and (run_dir / "accuracy_vs_gflops.png").exists()
+
+    # The consolidated inference checkpoint loads without DeepSpeed and serves any budget.
+    import torch
+
+    from jobs.checkpoint import load_inference
+
+    ck = load_inference(run_dir)
+    assert ck.labels == json.loads((run_dir / "labels.json").read_text())
+    L = ck.model.cfg.temporal_tokens * ck.model.cfg.num_patches
+    tokens = torch.randint(0, 255, (2, L, ck.model.cfg.token_dim), dtype=torch.uint8)
+    assert ck.model.forward_tokens(tokens, budget=0.3).shape == (2, 4)
+
+    # Both workers saw disjoint shards of every epoch, covering the good clips.
+    for epoch in range(3):
+        shards = [set((run_dir / "shards" / f"epoch{epoch}_rank{r}.txt").read_text().split()) for r in (0, 1)]
+        assert shards[0] and shards[1] and not shards[0] & shards[1], f"epoch {epoch} shards overlap"
