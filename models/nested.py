@@ -106,7 +106,7 @@ class _NestedIn(torch.autograd.Function):
             )
             gw = gw.to(ctx.dtypes[1])
         if ctx.needs_input_grad[2]:
-            gb = gy.sum(0).to(ctx.dtypes[2])  # (Dout,)
+            gb = gy.sum(0, dtype=torch.promote_types(gy.dtype, torch.float32)).to(ctx.dtypes[2])  # (Dout,)
         return gx, gw, gb, None
 
 
