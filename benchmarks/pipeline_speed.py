@@ -101,20 +101,23 @@ def _decode_only(args) -> int:
 
 
 def _ray_rss_mb() -> tuple[float, float]:
-    """(RSS of every Ray process, RSS of this driver) in MB."""
+    """(RSS of this run's Ray processes, RSS of this driver) in MB. Only descendants of this driver count (ray.init
+    starts raylet/GCS as its children, workers are theirs): other people's Ray on a shared machine is not ours.
+    DataLoader workers (forks of the driver) and the decode-only pool (multiprocessing.spawn) are excluded."""
     import psutil
 
+    me = psutil.Process()
     total = 0
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in me.children(recursive=True):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            name = p.info["name"] or ""
-            if p.pid != os.getpid() and ("ray::" in name or "ray::" in cmd or "raylet" in cmd
-                                         or "gcs_server" in cmd or "default_worker.py" in cmd):
+            cmd = " ".join(p.cmdline())
+            name = p.name()
+            if "ray::" in name or "ray::" in cmd or any(k in cmd for k in ("raylet", "gcs_server", "default_worker",
+                                                                           "dashboard", "runtime_env", "ray/")):
                 total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total / 2**20, psutil.Process().memory_info().rss / 2**20
+    return total / 2**20, me.memory_info().rss / 2**20
 
 
 class _Sampler:
