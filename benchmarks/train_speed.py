@@ -49,7 +49,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from pipeline.dataset import build_dataset
+    from pipeline.dataset import build_dataset, torch_collate
     from pipeline.manifest import build_manifest, select_split
     from pipeline.sampling import ClipSpec
     from pipeline.synth import generate
@@ -82,7 +82,8 @@ def main() -> None:
 
         def batches():
             while True:  # the stream re-executes each pass (an epoch)
-                yield from ds.iter_torch_batches(batch_size=args.batch, drop_last=True, prefetch_batches=2)
+                yield from ds.iter_torch_batches(batch_size=args.batch, drop_last=True, prefetch_batches=2,
+                                                 collate_fn=torch_collate)
 
         stream = batches()
 

@@ -32,11 +32,11 @@ class SynthConfig:
     """The generated dataset used when `data.root` is empty (the embedded default)."""
 
     classes: int = 8
-    videos_per_class: int = 40
+    videos_per_class: int = 60
     val_videos_per_class: int = 10
-    frames: int = 16
-    width: int = 80
-    height: int = 80
+    frames: int = 8
+    width: int = 64
+    height: int = 64
     corrupt: int = 2
     seed: int = 0
 

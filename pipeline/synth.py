@@ -1,11 +1,13 @@
 """Synthetic video datasets in the official Kinetics-400 and Something-Something-v2 layouts.
 
 Each video shows a cluttered, static background (a random texture plus static distractor shapes, new for every
-video) and ONE small object that moves in a straight line, wrapping around the frame edges (a torus), so its
-position in any single frame is uniform. The class is the direction of motion (8 directions; with more than 8
-classes also the speed: slow / fast). Object colour, shape, size and start position are random per video, so
-neither a single frame nor the mean colour tells the class: a model has to find the one moving object and see
-its displacement. The object moves several pixels per frame, so a 2-frame tubelet already sees motion.
+video) and a few objects (3-5, same shape) that move together in a straight line, wrapping around the frame edges
+(a torus), so their positions in any single frame are uniform. The class is the direction of motion (8 directions;
+with more than 8 classes also the speed: slow / fast). Colours, shape, size and start positions are random per video
+and the distractors look just like the movers, so neither a single frame nor the mean colour tells the class: a
+model has to find the moving objects and see their displacement. They move several pixels per frame, so a 2-frame
+tubelet already sees motion, and the objects are brighter than the background, so a tubelet's frame difference
+shows the direction with a consistent sign.
 
 Videos are real files: H.264 in .mp4 (libx264) for K400, VP9 in .webm (libvpx-vp9) for SSv2, written with short
 GOPs (keyframe every `gop` frames) so random access stays cheap. `corrupt=N` adds N broken files (truncated,
@@ -108,21 +110,23 @@ class SynthResult:
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A cluttered static texture around a random base colour: coarse blocks, fine noise, sometimes stripes.
-    Muted (+-50 around the base) so the shapes stand out, but busy enough that no frame is blank."""
-    cell = int(rng.integers(3, 9))
-    base = rng.integers(50, 206, size=3).astype(np.int16)
-    coarse = rng.integers(-50, 51, size=(h // cell + 2, w // cell + 2, 3), dtype=np.int16)
+    """A cluttered static texture around a dark-to-mid base colour: coarse blocks plus fine noise. Kept below the
+    objects' brightness, so an object's motion shows up with one sign in a tubelet's frame difference."""
+    cell = int(rng.integers(3, 7))
+    base = rng.integers(50, 110, size=3).astype(np.int16)
+    coarse = rng.integers(-30, 31, size=(h // cell + 2, w // cell + 2, 3), dtype=np.int16)
     bg = np.repeat(np.repeat(coarse, cell, axis=0), cell, axis=1)
     oy, ox = rng.integers(0, cell, size=2)
     bg = bg[oy : oy + h, ox : ox + w] + base
-    bg += rng.integers(-10, 11, size=(h, w, 1), dtype=np.int16)
-    if rng.random() < 0.5:  # stripes of a random period/orientation
-        period = int(rng.integers(6, 16))
-        yy, xx = np.mgrid[0:h, 0:w]
-        stripes = ((xx * rng.choice([0, 1]) + yy * rng.choice([1, 2])) // period) % 2
-        bg += (stripes[..., None] * rng.integers(-30, 31, size=3)).astype(np.int16)
+    bg += rng.integers(-8, 9, size=(h, w, 1), dtype=np.int16)
     return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def _bright_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated, bright colour (one channel at 255, the others 150-255): every object and distractor."""
+    c = rng.integers(150, 256, size=3)
+    c[rng.integers(0, 3)] = 255
+    return c.astype(np.uint8)
 
 
 def _shape_mask(shape: str, s: int) -> np.ndarray:
@@ -153,29 +157,32 @@ def _paste(frame: np.ndarray, mask: np.ndarray, colour: np.ndarray, y: int, x: i
 def render_video(
     rng: np.random.Generator, cls: SynthClass, *, width: int, height: int, frames: int
 ) -> tuple[np.ndarray, dict]:
-    """(frames, H, W, 3) uint8 RGB and a description (shape, colour, start, velocity)."""
+    """(frames, H, W, 3) uint8 RGB and a description (shape, colour, velocity).
+
+    Three to five objects move together in the class's direction (like things carried on a conveyor) over static
+    look-alike distractors: same shapes, sizes and brightness, they never move. So a single frame, or the mean
+    colour, says nothing about the class, and only the moving part of each frame matters."""
     h, w = height, width
     bg = _background(rng, h, w)
-    size = max(4, int(round(min(h, w) * rng.uniform(0.10, 0.16))))
-    # Static distractors: same shapes and sizes as the object, random colours, they never move.
-    for _ in range(int(rng.integers(3, 7))):
+    size = max(4, int(round(min(h, w) * rng.uniform(0.16, 0.22))))
+    for _ in range(int(rng.integers(2, 5))):  # static distractors
         m = _shape_mask(str(rng.choice(SHAPES)), size)
-        _paste(bg, m, rng.integers(0, 256, size=3, dtype=np.uint8), int(rng.integers(0, h)), int(rng.integers(0, w)))
+        _paste(bg, m, _bright_colour(rng), int(rng.integers(0, h)), int(rng.integers(0, w)))
     shape = str(rng.choice(SHAPES))
     mask = _shape_mask(shape, size)
     colour_i = int(rng.integers(0, len(COLOUR_NAMES)))
-    colour = rng.integers(0, 256, size=3, dtype=np.uint8)
-    # Base speed: several pixels per frame (>= 3), about 4 % of the short side; per-video jitter +-20 %.
-    base = max(3.0, 0.04 * min(h, w)) * cls.speed * rng.uniform(0.8, 1.2)
+    movers = [(_bright_colour(rng), rng.uniform(0, w), rng.uniform(0, h)) for _ in range(int(rng.integers(3, 6)))]
+    # Speed: about 8 % of the short side per frame (>= 3 px), per-video jitter +-20 %: a 2-frame tubelet sees it.
+    base = max(3.0, 0.08 * min(h, w)) * cls.speed * rng.uniform(0.8, 1.2)
     dx, dy = cls.direction
     norm = math.hypot(dx, dy)
     vx, vy = base * dx / norm, base * dy / norm
-    x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
     video = np.empty((frames, h, w, 3), np.uint8)
     for f in range(frames):
         video[f] = bg
-        _paste(video[f], mask, colour, int(round(y0 + vy * f)) % h, int(round(x0 + vx * f)) % w)
-    info = {"shape": shape, "object": f"{COLOUR_NAMES[colour_i]} {shape}", "size": size,
+        for colour, x0, y0 in movers:
+            _paste(video[f], mask, colour, int(round(y0 + vy * f)) % h, int(round(x0 + vx * f)) % w)
+    info = {"shape": shape, "object": f"{COLOUR_NAMES[colour_i]} {shape}s", "size": size, "movers": len(movers),
             "velocity": [round(vx, 3), round(vy, 3)]}
     return video, info
 
