@@ -57,6 +57,7 @@ class DataConfig:
     tubelet_t: int = 2
     patch: int = 16
     flip: bool = False  # never for SSv2: left/right is in the labels
+    train_crop: str = "random_resized"  # random_resized | random | center
     decoder: str = "auto"  # auto | decord | pyav
     decode_cpus: float = 0.25  # CPUs per decode task; leaves room for Train workers (STACK.md deadlock 1)
     decode_concurrency: int = 2
@@ -86,6 +87,9 @@ class OptimConfig:
 @dataclass
 class MoNEConfig:
     dense: bool = False  # True: dense baseline (e_c = 1 every step), same config otherwise
+    # From scratch (no dense/nested checkpoint to start from, unlike the paper), train dense for these first
+    # epochs so the features exist before the router starts cutting compute.
+    dense_epochs: int = 0
     train_budgets: list[float] = field(default_factory=lambda: list(PAPER_TRAIN_BUDGETS))
     isoflops: bool = False  # sample budgets so expected FLOPs per step match e_c = isoflops_target
     isoflops_target: float = 0.5
@@ -271,6 +275,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice(d.layout, ("ssv2", "k400", "auto"), "data.layout")
     _choice(d.sampling, ("segment", "dense"), "data.sampling")
     _choice(d.decoder, ("auto", "decord", "pyav"), "data.decoder")
+    _choice(d.train_crop, ("random_resized", "random", "center"), "data.train_crop")
     if d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data.root: dataset path '{d.root}' does not exist (leave it empty to use generated data)")
     if d.crop_size % d.patch:
@@ -292,6 +297,8 @@ def validate(cfg: TrainConfig) -> None:
     for i, b in enumerate(m.val_budgets):
         _check_budget(b, f"mone.val_budgets[{i}]")
     _check_budget(m.isoflops_target, "mone.isoflops_target")
+    if not 0 <= m.dense_epochs <= cfg.optim.epochs:
+        raise ConfigError(f"mone.dense_epochs={m.dense_epochs} must be in [0, optim.epochs={cfg.optim.epochs}]")
     o = cfg.optim
     for name in ("epochs", "batch_size"):
         if getattr(o, name) < 1:

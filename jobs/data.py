@@ -143,7 +143,7 @@ def clip_spec_dict(cfg: TrainConfig, *, train: bool) -> dict[str, Any]:
     return {
         "num_frames": d.num_frames, "sampling": d.sampling, "stride": d.stride, "short_side": d.short_side,
         "crop_size": d.crop_size, "tubelet_t": d.tubelet_t, "patch": d.patch, "train": train,
-        "flip": d.flip and train, "temporal_views": t_views, "spatial_views": s_views,
+        "flip": d.flip and train, "temporal_views": t_views, "spatial_views": s_views, "train_crop": d.train_crop,
     }
 
 

@@ -408,7 +408,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
             # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
-            e_c = float(np.random.default_rng([cfg.run.seed, global_step]).choice(budgets, p=probs))
+            e_c = 1.0 if epoch < cfg.mone.dense_epochs else float(
+                np.random.default_rng([cfg.run.seed, global_step]).choice(budgets, p=probs))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = engine(tokens, budget=budget_arg(e_c))  # (B, classes)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.optim.label_smoothing)
