@@ -33,7 +33,7 @@ class SynthConfig:
 
     classes: int = 8
     videos_per_class: int = 60
-    val_videos_per_class: int = 10
+    val_videos_per_class: int = 25
     frames: int = 8
     width: int = 64
     height: int = 64
