@@ -109,6 +109,7 @@ def main() -> None:
                     step(budget())
                 rates[name].append(args.steps * args.batch / (time.perf_counter() - t))
                 print(f"round {r + 1}/{args.rounds} {name:13s} {rates[name][-1]:7.2f} clips/s", flush=True)
+        stream.close()  # stop the open Ray Data iterator before Ray goes away (else its threads log errors)
         ray.shutdown()
 
     cfg = model.cfg
