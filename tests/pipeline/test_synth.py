@@ -32,9 +32,11 @@ def test_motion_defines_the_class_not_a_single_frame():
         dx, dy = cls.direction
         assert np.sign(vx) == np.sign(dx) and np.sign(vy) == np.sign(dy)
         assert np.hypot(vx, vy) >= 3  # several pixels per frame: a 2-frame tubelet sees motion
-        # Only a small part of each frame changes between frames (the object; the background is static).
+        # Only part of each frame changes between frames (the 3-5 moving objects; background and distractors are
+        # static): measured over 480 videos, 11 % of the pixels on average and at most 21 %.
         changed = (np.abs(video[1].astype(int) - video[0].astype(int)).sum(-1) > 0).mean()
-        assert 0 < changed < 0.1
+        assert 0 < changed < 0.3
+        assert 3 <= info["movers"] <= 5
     # Mean colour carries no class signal: object colour / background are random per video.
     means = {c.index: [synth.render_video(np.random.default_rng([c.index, k]), c, width=64, height=64,
                                           frames=2)[0].mean() for k in range(6)] for c in synth.synth_classes(4)}
