@@ -114,9 +114,9 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     cmd = _train_cmd(storage, cache, epochs=3)
 
     # 1) Start, wait for the first epoch's checkpoint, then kill the whole process group (driver + local Ray).
-    log1 = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_run_env(), stdout=log1, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(tmp_path / "first.log", "w") as log1:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_run_env(), stdout=log1, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     deadline = time.time() + 420
     try:
         while time.time() < deadline and proc.poll() is None:
