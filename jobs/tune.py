@@ -768,7 +768,9 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
                      metric: m.get(metric), "epochs": m.get("training_iteration"),
                      "train_loss": m.get("train_loss"), "run_dir": run_files.join(trials_dir, str(tid)),
                      "error": repr(r.error)[:300] if r.error else None})
-    done = [x for x in rows if x[metric] is not None]
+    # Ties (common for tiny models) go to the trial that ran more epochs, then the lower trial id: result order
+    # differs between a fresh and a restored experiment, and the best trial must not.
+    done = sorted((x for x in rows if x[metric] is not None), key=lambda x: (-(x["epochs"] or 0), str(x["trial_id"])))
     best = (max if mode == "max" else min)(done, key=lambda x: x[metric]) if done else None
     if rows:
         import pandas as pd
