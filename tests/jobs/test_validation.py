@@ -42,3 +42,21 @@ def test_one_decode_of_the_val_set_serves_every_budget():
     for b in cfg.mone.val_budgets:
         assert 0.0 <= out[f"top1_ec{b}"] <= 1.0 and out[f"gflops_ec{b}"] > 0
     assert out["gflops_ec0.2"] < out["gflops_ec1.0"]
+
+
+def test_view_protocols_and_clips_per_video_in_the_config():
+    import pytest
+
+    from jobs import data as job_data
+    from jobs.config import ConfigError
+
+    cfg = load_config("tiny_cpu", ["data.final_views=4x3", "data.clips_per_video=2"])
+    assert job_data.clip_spec_dict(cfg, train=False)["temporal_views"] == 1  # per epoch: val_views 1x1
+    final = job_data.final_clip_spec(cfg)
+    assert (final["temporal_views"], final["spatial_views"], final["train"]) == (4, 3, False)
+    assert job_data.train_clips(cfg, 480) == 960  # two clips of every video per epoch
+    assert job_data.final_clip_spec(load_config("tiny_cpu")) is None  # no final protocol: none run
+    assert job_data.final_clip_spec(load_config("tiny_cpu", ["data.final_views=1x1"])) is None  # same as per epoch
+    for bad, msg in ((["data.final_views=4x2"], "data.final_views='4x2'"), (["data.clips_per_video=0"], ">= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config("tiny_cpu", bad)
