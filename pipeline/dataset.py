@@ -409,6 +409,7 @@ class ClipLoader:
         self.profile = profile
         self._threads_set = False
         self._rows: tuple[list[str], np.ndarray] | None = None
+        self._unreported_good = 0  # good videos not yet counted in the error log (sent once per chunk)
         self._order: tuple[int, np.ndarray] | None = None
 
     def _epoch(self) -> int:
@@ -441,6 +442,9 @@ class ClipLoader:
             for i in range(0, len(rows), self.batch_size):
                 sub = rows[i:i + self.batch_size]
                 yield self.decode_batch([paths[j] for j in sub], labels[sub], epoch)
+        if self.log is not None and self._unreported_good:
+            self.log.actor.add.remote(epoch, self._unreported_good, [])  # fire and forget
+        self._unreported_good = 0
 
     def decode_batch(self, all_paths: list[str], all_labels, epoch: int) -> dict[str, np.ndarray]:
         """Videos -> their clips (bad ones dropped and logged; see the class doc for the columns)."""
@@ -476,11 +480,14 @@ class ClipLoader:
         if self.log is not None:
             import ray
 
-            ref = self.log.actor.add.remote(epoch, len(paths) // k - (len(errs) if self.keep_errors else 0), errs)
-            if errs:  # only wait when something failed (the budget check); otherwise fire and forget
-                msg = ray.get(ref)
+            good = len(paths) // k - (len(errs) if self.keep_errors else 0)
+            if errs:  # report now and wait: the budget check may stop the run
+                msg = ray.get(self.log.actor.add.remote(epoch, good + self._unreported_good, errs))
+                self._unreported_good = 0
                 if msg:
                     raise TooManyErrors(msg)
+            else:  # counted when `__call__` ends the chunk (one call per task, not one per block)
+                self._unreported_good += good
         out = {
             "tokens": tokens[:len(labels)],
             "label": np.asarray(labels, np.int64),
