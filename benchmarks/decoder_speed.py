@@ -10,8 +10,10 @@ CPU time is process time (decord decodes on a thread of its own), which a loaded
 A backend that is not installed is reported as such. Ends with ONE JSON line: cpu_ms_per_clip and wall_ms_per_clip
 per backend (median over rounds after the first), and whether the frames each backend returned equal decord's.
 
-torchcodec is not among the contenders: its PyPI wheels need FFmpeg's shared libraries from the system and a torch
-build with CUDA (the CPU machines here have neither), so it does not install without hand steps.
+decord2 installs its own `decord` module over decord's, so it is measured through a second interpreter (a venv with
+`--system-site-packages` and `pip install decord2`). torchcodec is not among the contenders: its PyPI wheels need
+FFmpeg's shared libraries from the system and a torch build with CUDA (the CPU machines here have neither),
+so it does not install without hand steps.
 """
 
 from __future__ import annotations
