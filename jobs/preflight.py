@@ -99,25 +99,14 @@ def launcher_max_resources(config: dict[str, Any]) -> dict[str, float] | None:
     return out
 
 
-def _autoscaler_running() -> bool:
-    """The v1 autoscaler (the cluster launcher's) publishes its status in the GCS key-value store every few seconds;
-    `ray status` reads the same key."""
-    try:
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-        return _internal_kv_initialized() and bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
-    except Exception:  # noqa: BLE001 - a private API; without it we just do not know
-        return False
-
-
 def cluster_capacity() -> ClusterCapacity:
     """The connected Ray cluster's resources now and, when it autoscales, the most it can grow to.
 
     Sources, in order: the cluster config the autoscaler publishes in the GCS (KubeRay, autoscaler v2; Ray Train
     reads the same to refuse impossible worker groups), then the launcher's config on the head node
-    (~/ray_bootstrap_config.yaml, where `mone submit` runs the driver), then a running v1 autoscaler whose limits
-    are unknown (warn, never refuse)."""
+    (~/ray_bootstrap_config.yaml, where `mone submit` runs the driver; limits unknown when a node type leaves its
+    resources to Ray: then warn, never refuse). Otherwise the cluster is taken as fixed (a local Ray also runs
+    a read-only autoscaler monitor, so "a monitor runs" says nothing). Elsewhere: `--no-resource-check`."""
     import ray
 
     now = {k: float(v) for k, v in ray.cluster_resources().items()}
@@ -138,8 +127,6 @@ def cluster_capacity() -> ClusterCapacity:
         except (OSError, yaml.YAMLError, TypeError, ValueError):
             ceiling = None
         return ClusterCapacity(now, ceiling, True, str(path))
-    if _autoscaler_running():
-        return ClusterCapacity(now, None, True, "a running autoscaler (limits unknown)")
     return ClusterCapacity(now)
 
 

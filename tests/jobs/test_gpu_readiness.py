@@ -322,7 +322,7 @@ def test_autoscaler_with_unknown_limits_warns_and_a_fixed_cluster_refuses(monkey
     from jobs.preflight import ClusterCapacity, check_resources, launcher_max_resources
 
     cfg = load_config("k400_vivit_b16", ["data.root="])
-    unknown = ClusterCapacity({"CPU": 0.0}, None, True, "a running autoscaler (limits unknown)")
+    unknown = ClusterCapacity({"CPU": 0.0}, None, True, "~/ray_bootstrap_config.yaml (resources not declared)")
     warnings = check_resources(cfg, unknown)
     assert len(warnings) == 2 and all("waits for nodes to join" in w for w in warnings)
     with pytest.raises(ConfigError, match="needs 16 GPUs, the Ray cluster has 0"):
@@ -424,3 +424,24 @@ def test_zero3_two_workers_checkpoint_without_hang_and_inference_weights_are_the
     L = ck.model.cfg.temporal_tokens * ck.model.cfg.num_patches
     tokens = torch.randint(0, 255, (2, L, ck.model.cfg.token_dim), dtype=torch.uint8)
     assert ck.model.forward_tokens(tokens, budget=0.3).shape == (2, 2)
+
+
+# --------------------------------------------------------------------------- the GPU smoke test, here
+
+
+def test_gpu_smoke_skips_in_one_line_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the smoke test would run")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py")], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["skipped"] is True
+
+
+def test_submit_smoke_runs_the_script_with_a_gpu_for_its_driver():
+    from jobs import submit
+
+    assert submit.build_entrypoint("smoke", ["--quick", "--out", "/mnt/shared/s"]) == \
+        "python -u benchmarks/gpu_smoke.py --quick --out /mnt/shared/s"
+    assert (ROOT / submit.SCRIPT_COMMANDS["smoke"]).is_file()
