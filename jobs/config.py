@@ -110,6 +110,9 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0
     zero_stage: int = 2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # Extra DeepSpeed config keys, merged over the generated config (jobs.train.deepspeed_config), e.g.
+    # {zero_optimization: {reduce_bucket_size: 5.0e8, stage3_param_persistence_threshold: 0}}.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -235,13 +238,15 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config '{name_or_path}' not found: give a YAML path or one of: {available}")
 
 
-def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
+                check_paths: bool = True) -> TrainConfig:
+    """`check_paths=False` skips checking that data.root exists here (a dry run of a cluster's config)."""
     path = resolve_config_path(name_or_path)
     raw = yaml.safe_load(path.read_text()) or {}
     raw.setdefault("name", path.stem)
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = _from_dict(TrainConfig, raw, "")
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -265,7 +270,7 @@ def _choice(value: str, allowed: tuple[str, ...], path: str) -> None:
         raise ConfigError(f"{path}: '{value}' is not one of {', '.join(allowed)}")
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Checks that need no Ray: values, ranges, names, paths. Resource checks happen in train.check_resources."""
     from models.vit import VARIANTS  # models/ is pure torch; importing it here costs ~1 s
 
@@ -280,12 +285,13 @@ def validate(cfg: TrainConfig) -> None:
     _choice(d.sampling, ("segment", "dense"), "data.sampling")
     _choice(d.decoder, ("auto", "decord", "pyav"), "data.decoder")
     _choice(d.train_crop, ("random_resized", "random", "center"), "data.train_crop")
-    if d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
+    if check_paths and d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data.root: dataset path '{d.root}' does not exist (leave it empty to use generated data)")
     if d.crop_size % d.patch:
         raise ConfigError(f"data.crop_size={d.crop_size} must be a multiple of data.patch={d.patch}")
     if d.num_frames % d.tubelet_t:
         raise ConfigError(f"data.num_frames={d.num_frames} must be a multiple of data.tubelet_t={d.tubelet_t}")
+    _check_clip_fits_model(cfg)
     if not 0 <= d.max_error_fraction <= 1:
         raise ConfigError(f"data.max_error_fraction={d.max_error_fraction} must be in [0, 1]")
     for key in ("val_views", "final_views"):
@@ -325,6 +331,35 @@ def validate(cfg: TrainConfig) -> None:
     if not s.use_gpu and s.precision == "bf16":
         # bf16 matmuls ran ~5x slower than fp32 on these CPUs (no bf16 units).
         raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true; on CPU use fp32 (or auto)")
+
+
+def _check_clip_fits_model(cfg: TrainConfig) -> None:
+    """The clips the pipeline cuts must be the tokens the model was built for: crop = img_size, same frames,
+    tubelet and patch. Otherwise the first batch fails inside the model, on every worker, after Ray started."""
+    from models.vit import ModelConfig as ModelShape
+    from models.vit import get_config
+
+    m, d = cfg.model, cfg.data
+    known = [f.name for f in fields(ModelShape) if f.name != "name"]
+    for key in m.overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+            raise ConfigError(f"model.overrides.{key}: not a model setting; {hint}")
+    try:
+        model = get_config(m.variant, **m.overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.overrides {m.overrides}: {e}") from None
+    pairs = (("crop_size", d.crop_size, "img_size", model.img_size), ("num_frames", d.num_frames, "num_frames",
+             model.num_frames), ("tubelet_t", d.tubelet_t, "tubelet_t", model.tubelet_t),
+             ("patch", d.patch, "patch_size", model.patch_size))
+    for data_key, have, model_key, want in pairs:
+        if have != want:
+            raise ConfigError(
+                f"data.{data_key}={have} does not match model {m.variant} ({model_key}={want}); set "
+                f"model.overrides.{model_key}={have} (position embeddings are resampled when loading "
+                f"model.init_from) or data.{data_key}={want}"
+            )
 
 
 def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

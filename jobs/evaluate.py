@@ -417,23 +417,28 @@ class Predictor:
         self.topk = min(topk, m["num_classes"])
         self.max_clips = max_clips
 
-    def logits(self, tokens: np.ndarray, capacities) -> np.ndarray:
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """uint8 tokens (M, L, K) -> logits (budgets, M, C). The chunk goes to the device once (on CUDA through
+        page-locked memory, an asynchronous copy) and every budget runs on that copy, `max_clips` clips per
+        forward; the logits come back to the host once, after the last budget."""
         import torch
 
-        if not tokens.flags.writeable:  # a read-only view of the object store; torch wants to own it
-            tokens = tokens.copy()
-        x = torch.from_numpy(np.ascontiguousarray(tokens))  # (M, L, K) uint8
-        outs = []
-        with torch.inference_mode():
-            for s in range(0, x.shape[0], self.max_clips):
-                xb = x[s : s + self.max_clips].to(self.device, non_blocking=True)
-                if self.device.type == "cuda":
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        out = self.model.forward_tokens(xb, budget=capacities)
-                else:
-                    out = self.model.forward_tokens(xb, budget=capacities)
-                outs.append(out.float().cpu())
-        return torch.cat(outs).numpy()  # (M, C)
+        cuda = self.device.type == "cuda"
+        if cuda:  # one copy, from the object store's read-only view straight into pinned memory
+            x = torch.empty(tokens.shape, dtype=torch.uint8, pin_memory=True)  # (M, L, K)
+            x.numpy()[...] = tokens
+            x = x.to(self.device, non_blocking=True)
+        else:
+            if not tokens.flags.writeable:  # a read-only view of the object store; torch wants to own it
+                tokens = tokens.copy()
+            x = torch.from_numpy(np.ascontiguousarray(tokens))  # (M, L, K) uint8
+        per_budget = []
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            for capacities in self.budgets:
+                outs = [self.model.forward_tokens(x[s : s + self.max_clips], budget=capacities).float()
+                        for s in range(0, x.shape[0], self.max_clips)]  # (<= max_clips, C) each
+                per_budget.append(torch.cat(outs))  # (M, C), still on the device
+        return torch.stack(per_budget).cpu().numpy()  # (budgets, M, C)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, list] = {"chunk": [], "top_ids": [], "top_probs": [], "views": [], "errors": [],
@@ -448,8 +453,9 @@ class Predictor:
             if ok.any():
                 tokens = batch["tokens"][r]  # (M, L, K), M = sum(views)
                 bounds = np.concatenate([[0], np.cumsum(views[ok])])
-                for b, caps in enumerate(self.budgets):
-                    lg = self.logits(tokens, caps)  # (M, C)
+                all_logits = self.logits(tokens)  # (budgets, M, C)
+                for b in range(B):
+                    lg = all_logits[b]  # (M, C)
                     mean = np.stack([lg[bounds[i] : bounds[i + 1]].mean(0) for i in range(len(bounds) - 1)])
                     mean = mean - mean.max(1, keepdims=True)  # (n_ok, C) softmax of the averaged logits
                     p = np.exp(mean)
@@ -689,7 +695,7 @@ def run_evaluation(
     budgets_file: str | None = None,
     views: str | None = None,
     batch_videos: int = 8,
-    actors: int = 1,
+    actors: int | None = None,
     actor_cpus: float | None = None,
     threads: int | None = None,
     decode_cpus: float = 0.5,
@@ -766,6 +772,7 @@ def run_evaluation(
         if stats["videos"] > stats["first_videos"] and run_s > stats["first_s"] else None,
         "decode_s": round(stats["decode_s"], 3),  # summed over decode tasks (they overlap with the model)
         "model_s": round(stats["model_s"], 3),  # summed over model actors
+        "device": stats.get("device"), "actors": stats.get("actors"),  # None when every chunk was done before
     }
     res = accuracy_report(final, budgets, labels)
     if res is not None:
@@ -808,6 +815,30 @@ def _default_budgets(meta: dict[str, Any]) -> list[float]:
     return [0.3]
 
 
+def _model_actors(device: str, actors: int | None, chunks: int, echo=print):
+    """(use GPUs, actor count, Ray Data actor pool). `--device auto` uses GPUs when the cluster has them or, when
+    it autoscales, can grow to them (GPU nodes that scale from 0 are down until asked for). `--actors` defaults to
+    one per GPU (capped by the chunks to run); on an autoscaling cluster the pool starts with one actor and grows
+    as GPU nodes join."""
+    import ray
+
+    from jobs.preflight import cluster_capacity
+
+    capacity = cluster_capacity()
+    gpus_now, gpus_most = capacity.now.get("GPU", 0.0), capacity.most("GPU")
+    with_gpu = device == "cuda" or (device == "auto" and gpus_most >= 1)
+    if actors is None:
+        actors = int(gpus_most) if with_gpu else 1
+    actors = max(1, min(actors, chunks))
+    if with_gpu and gpus_now < min(actors, gpus_most):
+        echo(f"evaluate: {gpus_now:g} GPU(s) up now, the cluster can grow to {gpus_most:g} ({capacity.source}); "
+             f"{actors} model actor(s) wait for GPU nodes", file=sys.stderr)
+    elastic = capacity.autoscaling and with_gpu and actors > gpus_now
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=actors) if elastic else ray.data.ActorPoolStrategy(
+        size=actors)
+    return with_gpu, actors, pool
+
+
 def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_view, labels, stats, *,
             batch_videos, actors, actor_cpus, threads, decode_cpus, decoder, device, max_clips, progress,
             total, initial, address) -> None:
@@ -820,7 +851,8 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress line replaces its chatter
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours: videos done / total, videos/s
-    with_gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    with_gpu, actors, pool = _model_actors(device, actors, len(todo), echo=print)
+    stats["device"], stats["actors"] = "cuda" if with_gpu else "cpu", actors
     if actor_cpus is None:
         actor_cpus = 1.0
     if threads is None:
@@ -831,7 +863,7 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
     ds = ds.map(decode_chunk, fn_kwargs={"spec": spec_dict, "decoder": decoder}, num_cpus=decode_cpus)
     ds = ds.map_batches(
         Predictor,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=pool,
         fn_constructor_kwargs={"meta": ckpt.meta, "state": [state_ref],
                                "budgets": [list(b.capacities) for b in budgets], "threads": threads,
                                "device": "cuda" if with_gpu else "cpu", "max_clips": max_clips},
@@ -854,7 +886,7 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
                 n_err = int(sum(1 for e in json.loads(res["errors"]) if e))
                 stats["videos"] += len(chunks[cid])
                 stats["results"] += 1
-                if stats["results"] == actors:  # every actor has started, loaded the model and returned once
+                if stats["results"] == pool.min_size:  # every actor has started, loaded the model, returned once
                     stats["first_s"], stats["first_videos"] = time.perf_counter() - t0, stats["videos"]
                 stats["errors"] += n_err
                 stats["decode_s"] += float(batch["decode_s"][r])
@@ -890,14 +922,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="predictions table, e.g. preds.parquet")
     p.add_argument("--batch-videos", type=int, default=8,
                    help="videos per chunk: one model batch, one part file (default 8)")
-    p.add_argument("--actors", type=int, default=1,
-                   help="model actors, one GPU each when the cluster has GPUs (default 1)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="model actors, one GPU each when GPUs are used (default: one per GPU the cluster has or can "
+                        "grow to, at most one per chunk; 1 on CPU)")
     p.add_argument("--actor-cpus", type=float, default=None, help="CPUs reserved per model actor (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per actor (default: its CPUs)")
     p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decode task (default 0.5)")
     p.add_argument("--decoder", default="auto", choices=("auto", "decord", "pyav"), help="default: auto")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: one GPU per actor when the Ray cluster has GPUs, else CPU")
+                   help="auto: one GPU per actor when the Ray cluster has GPUs or, autoscaling, can grow to them; "
+                        "else CPU")
     p.add_argument("--overwrite", action="store_true", help="discard parts of an earlier, different evaluation")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

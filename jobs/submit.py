@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-SUBMIT_COMMANDS = ("train", "tune", "evaluate")
+SUBMIT_COMMANDS = ("train", "tune", "evaluate", "smoke")
+# Not `mone` commands: scripts of the project a job runs the same way (`mone submit smoke`: benchmarks/gpu_smoke.py).
+SCRIPT_COMMANDS = {"smoke": "benchmarks/gpu_smoke.py"}
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 LOG_TAIL_LINES = 40
 # Never uploaded with the job (gitwildmatch patterns, relative to the working dir, as Ray applies them).
@@ -200,6 +202,8 @@ def build_entrypoint(command: str, args: list[str]) -> str:
     """`python -u -m jobs.cli COMMAND ARGS...`, shell-quoted: works where the deps are installed but `mone` is not.
 
     -u: unbuffered, so `mone jobs logs --follow` shows progress as it is printed."""
+    if command in SCRIPT_COMMANDS:
+        return shlex.join(["python", "-u", SCRIPT_COMMANDS[command], *args])
     return shlex.join(["python", "-u", "-m", "jobs.cli", command, *args])
 
 
@@ -486,6 +490,8 @@ def _run_submit(args: argparse.Namespace) -> int:
         args.submit_command, args.args, working_dir, args.storage or os.environ.get(STORAGE_ENV)
     )
     entrypoint = args.entrypoint or build_entrypoint(args.submit_command, job_args)
+    if args.submit_command == "smoke" and args.num_gpus is None:
+        args.num_gpus = 1  # the smoke test's driver checks CUDA and benchmarks on a GPU of its own
     runtime_env = build_runtime_env(working_dir, env=parse_env(args.env), pip=args.pip, excludes=args.exclude)
     if not args.entrypoint:
         warning = storage_warning(args.submit_command, job_args)
@@ -626,7 +632,7 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     submit = subparsers.add_parser(
         "submit",
-        help="run train / tune / evaluate on a Ray cluster (Ray Job Submission)",
+        help="run train / tune / evaluate (or the GPU smoke test) on a Ray cluster (Ray Job Submission)",
         description=(
             "Upload this project and run `mone COMMAND ARGS...` as a Ray job on a cluster. Everything after `--` "
             "is passed to the command exactly as for a local run."
@@ -636,11 +642,13 @@ def register(subparsers) -> None:
     )
     sub = submit.add_subparsers(dest="submit_command", metavar="COMMAND", required=True)
     for command in SUBMIT_COMMANDS:
+        what = f"python {SCRIPT_COMMANDS[command]}" if command in SCRIPT_COMMANDS else f"mone {command}"
         p = sub.add_parser(
             command,
-            help=f"submit `mone {command} ...`",
-            usage=f"mone submit {command} [options] -- [mone {command} arguments ...]",
-            description=f"Submit `python -m jobs.cli {command} ARGS...` to a Ray cluster; ARGS come after `--`.",
+            help=f"submit `{what} ...`" + (" (the GPU smoke test; its driver takes 1 GPU)" if command == "smoke"
+                                           else ""),
+            usage=f"mone submit {command} [options] -- [{what} arguments ...]",
+            description=f"Submit `{build_entrypoint(command, ['ARGS...'])}` to a Ray cluster; ARGS come after `--`.",
         )
         _add_address(p)
         p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it FAILED/STOPPED")
@@ -666,7 +674,7 @@ def register(subparsers) -> None:
         p.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the job's driver (default 0)")
         # Escape hatch for debugging a cluster (and for tests): run this shell command instead of `mone COMMAND`.
         p.add_argument("--entrypoint", help=argparse.SUPPRESS)
-        p.add_argument("args", nargs="*", metavar="ARGS", help=f"arguments of `mone {command}` (after --)")
+        p.add_argument("args", nargs="*", metavar="ARGS", help=f"arguments of `{what}` (after --)")
         p.set_defaults(func=run_submit)
 
     jobs = subparsers.add_parser(

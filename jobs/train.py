@@ -23,6 +23,7 @@ from typing import Any
 
 from jobs import run_files
 from jobs.config import ConfigError, TrainConfig, config_from_dict, dump_config, load_config
+from jobs.preflight import check_resources, cluster_capacity  # noqa: F401 - check_resources: tune/tests import it here
 
 DS_SUBDIR = "deepspeed"  # inside a Ray checkpoint: DeepSpeed's own files (every rank's shards)
 DS_TAG = "state"
@@ -43,49 +44,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         epilog="Examples:\n  mone train\n"
         "  mone train --config ssv2_vivit_b16 data.root=/data/ssv2 scaling.num_workers=8\n"
-        "  mone train --dense run.name=tiny_dense        # the dense baseline from the same config",
+        "  mone train --dense run.name=tiny_dense        # the dense baseline from the same config\n"
+        "  mone train --config ssv2_vivit_b16 --dry-run   # check config and model shapes, start nothing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default="tiny_cpu", help="config name under jobs/configs/ or a YAML path")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=3")
     p.add_argument("--dense", action="store_true", help="train the dense baseline (e_c = 1 every step)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and run the model once on the meta device on tokens of the configured "
+                        "clip shape (no memory, no Ray, no data read); data.root need not exist here")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-resource-check", action="store_true",
-                   help="skip the check that the cluster has the CPUs/GPUs the workers need (autoscaling clusters)")
+                   help="skip the check that the cluster has (or, when it autoscales, can grow to) the CPUs/GPUs "
+                        "the workers need")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["mone.dense=true"] if args.dense else [])
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, check_paths=not args.dry_run)
     except (ConfigError, FileNotFoundError) as e:
         print(f"mone train: {e}")
         return 2
+    if args.dry_run:
+        from jobs.preflight import meta_forward
+
+        try:
+            shapes = meta_forward(cfg)
+        except (ValueError, RuntimeError) as e:
+            print(f"mone train: config {cfg.name}: the model cannot take its clips: {e}")
+            return 2
+        print(f"[mone] config {cfg.name} OK: model {cfg.model.variant} ({shapes['params'] / 1e6:.1f} M parameters) "
+              f"takes train tokens {shapes['train_tokens']} and eval tokens {shapes['eval_tokens']} per clip "
+              "(views, tokens, values); nothing was started")
+        print(json.dumps({"config": cfg.name, "ok": True, **shapes}))
+        return 0
     summary = train(cfg, address=args.address, resource_check=not args.no_resource_check)
     print(json.dumps(summary))
     return 0
-
-
-def check_resources(cfg: TrainConfig, resources: dict[str, float]) -> None:
-    """Fails before any worker starts when the workers (plus one decode task) cannot fit the cluster."""
-    s = cfg.scaling
-    cpus_needed = s.num_workers * s.cpus_per_worker + cfg.data.decode_cpus
-    cpus = resources.get("CPU", 0.0)
-    if cpus_needed > cpus + 1e-9:
-        raise ConfigError(
-            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPU + {cfg.data.decode_cpus} CPU for decoding "
-            f"needs {cpus_needed:g} CPUs, the Ray cluster has {cpus:g}; lower scaling.num_workers or "
-            "scaling.cpus_per_worker (fractions are fine), or add nodes"
-        )
-    if s.use_gpu:
-        gpus = resources.get("GPU", 0.0)
-        if s.num_workers * s.gpus_per_worker > gpus + 1e-9:
-            raise ConfigError(
-                f"scaling: {s.num_workers} workers x {s.gpus_per_worker} GPU needs "
-                f"{s.num_workers * s.gpus_per_worker:g} GPUs, the Ray cluster has {gpus:g}; lower scaling.num_workers "
-                "or set scaling.use_gpu=false"
-            )
 
 
 def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool = True) -> dict[str, Any]:
@@ -106,7 +104,8 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
             os.environ.setdefault(k, v)
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     if resource_check:
-        check_resources(cfg, ray.cluster_resources())
+        for warning in check_resources(cfg, cluster_capacity()):  # autoscaling clusters: what they can grow to
+            print(f"[mone] {warning}", flush=True)
 
     run_files.makedirs(run_dir)
     run_files.write_text(run_files.join(run_dir, "config.yaml"), _yaml(cfg))
@@ -309,16 +308,29 @@ def TokensClassifier(model):  # noqa: N802 - a class built lazily so importing j
 
 
 def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a run; `scaling.deepspeed` (any DeepSpeed keys) is merged over it last."""
     bf16 = cfg.scaling.precision == "bf16" or (cfg.scaling.precision == "auto" and use_gpu)
-    return {
+    zero: dict[str, Any] = {"stage": cfg.scaling.zero_stage}
+    if cfg.scaling.zero_stage >= 1:
+        # Reduce (ZeRO-1/2) or reduce-scatter (ZeRO-3) gradient buckets while backward is still running.
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    base = {
         "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # our own progress lines instead
         "wall_clock_breakdown": False,
     }
+    return _merged(base, cfg.scaling.deepspeed)
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
@@ -351,7 +363,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     cfg = config_from_dict(loop["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu:  # never a silent CPU fallback next to an NCCL group: say which node, build and driver
+        from jobs.preflight import require_cuda
+
+        require_cuda()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.run.seed)
     if not use_gpu:
@@ -384,7 +400,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         model=net, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_gpu),
         dist_init_required=False,
     )
-    amp_dtype = torch.bfloat16 if engine.bfloat16_enabled() else None
+    # Mixed precision is DeepSpeed's bf16 mode, not torch.autocast: DeepSpeed holds the module's parameters in
+    # bf16 (fp32 masters in the ZeRO optimizer; buffers stay fp32) and its engine.forward switches a caller's CUDA
+    # autocast off anyway. So the model runs in its parameters' dtype with no autocast, in training and validation,
+    # on GPU and CPU alike (on CPU DeepSpeed would leave a caller's autocast on and hide dtype bugs).
 
     # ---- resume
     start_epoch, global_step, history = 0, 0, []
@@ -410,7 +429,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.optim.epochs):
         loop["train_error_log"].set_epoch(epoch)  # decode workers seed sampling/crops with it
         engine.train()
-        t_epoch, n_clips, loss_sum, n_steps = time.time(), 0, 0.0, 0
+        t_epoch, n_clips, n_steps = time.time(), 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per step
         seen: list[str] = []
         ep = pace.epoch(epoch, steps_per_epoch)
         for batch in ep.wrap(job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True)):
@@ -419,15 +439,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
             e_c = 1.0 if epoch < cfg.mone.dense_epochs else float(
                 np.random.default_rng([cfg.run.seed, global_step]).choice(budgets, p=probs))
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = engine(tokens, budget=budget_arg(e_c))  # (B, classes)
+            logits = engine(tokens, budget=budget_arg(e_c))  # (B, classes)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.optim.label_smoothing)
             engine.backward(loss)
             engine.step()
             global_step += 1
             n_steps += 1
             n_clips += tokens.shape[0]
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             if rank == 0 and (n_steps % cfg.run.log_every == 0 or n_steps == 1):
                 rate = n_clips * world / (time.time() - t_epoch)
                 print(f"[mone] epoch {epoch + 1}/{cfg.optim.epochs} step {n_steps}/~{steps_per_epoch} "
@@ -443,17 +462,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "global_step": global_step,
-            "train_loss": loss_sum / max(1, n_steps),
+            "train_loss": loss_sum.item() / max(1, n_steps),
             "train_clips_per_s": n_clips * world / max(train_time, 1e-9),
             "lr": scheduler.get_last_lr()[0],
             **ep.summary(),
         }
-        metrics.update(_validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops))
+        metrics.update(_validate(net, val_shard, cfg, device, budget_arg, model_flops))
         last_epoch = epoch == cfg.optim.epochs - 1
         if last_epoch and final_shard is not None:  # the full view protocol, once, over the final weights
             metrics[job_data.FINAL_EVAL] = {"views": loop["final_views"], "weights": f"final (epoch {epoch + 1})",
-                                            **_validate(model, final_shard, cfg, device, amp_dtype, budget_arg,
-                                                        model_flops)}
+                                            **_validate(net, final_shard, cfg, device, budget_arg, model_flops)}
         history.append(metrics)
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
@@ -467,11 +485,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(os.path.join(tmp, DS_SUBDIR), tag=DS_TAG)  # every rank: its own shards
+                weights = full_fp32_state_dict(engine, keep=rank == 0)  # a collective: every rank takes part
                 if rank == 0:
                     Path(tmp, STATE_FILE).write_text(json.dumps(
                         {"epoch": epoch, "global_step": global_step, "history": history}))
                     save_inference(
-                        Path(tmp, "inference"), _full_state_dict(engine),
+                        Path(tmp, "inference"), weights,
                         variant=cfg.model.variant, num_classes=len(labels), labels=labels,
                         clip=loop["eval_clip"], overrides=cfg.model.overrides,
                         extra={"train_budgets": budgets, "val_budgets": list(cfg.mone.val_budgets),
@@ -486,26 +505,59 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             print(f"[mone] ETA run {format_duration(pace.eta_s())}", flush=True)
 
 
-def _full_state_dict(engine) -> dict[str, Any]:
-    """The plain model's state dict (keys without the wrapper's `model.` prefix)."""
-    if engine.zero_optimization_partition_weights():  # ZeRO-3: gather the partitioned parameters
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = engine.module.state_dict()
-    return {k.removeprefix("model."): v for k, v in sd.items()}
+def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, Any] | None:
+    """The plain model's full weights in fp32 (keys without the wrapper's `model.` prefix), taken from the fp32
+    master copies the optimizer holds under bf16, not from the bf16 working copies.
+
+    Under ZeRO each rank holds a slice of the masters (ZeRO-3: of the parameters too), so each parameter is
+    assembled by a collective: every rank must call this, in the same order. Only a rank with `keep` copies the
+    result to host memory and gets the dict; the others get None."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = _unpartitioned_masters(engine)
+    out: dict[str, Any] = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # ZeRO 1-3: all-reduce / all-gather of the fp32 slices, else None
+        if full is None:
+            full = masters.get(id(p), p)  # no ZeRO: the mixed-precision optimizer's master copy, or p (fp32)
+        if keep:
+            out[name.removeprefix("model.")] = full.detach().to("cpu", torch.float32)
+    if not keep:
+        return None
+    for mod_name, mod in engine.module.named_modules():  # persistent buffers are part of the state dict too
+        for b_name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{b_name}".removeprefix("model.")] = buf.detach().cpu()
+    return out
 
 
-def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg, model_flops) -> dict[str, Any]:
-    """Top-1/top-5, GFLOPs per clip and clips/s at each validation budget, on one decode of the val set."""
+def _unpartitioned_masters(engine) -> dict[int, Any]:
+    """id(low-precision param) -> its fp32 master, for DeepSpeed's fp16/bf16 optimizers without ZeRO (stage 0),
+    which keep the masters as per-parameter lists parallel to the model's parameter groups."""
+    opt = engine.optimizer
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if not low or not high or len(low) != len(high):
+        return {}
+    return {id(p): m for lg, hg in zip(low, high, strict=True) if len(lg) == len(hg)
+            for p, m in zip(lg, hg, strict=True) if m.numel() == p.numel()}
+
+
+def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops) -> dict[str, Any]:
+    """Top-1/top-5, GFLOPs per clip and clips/s at each validation budget, on one decode of the val set.
+
+    `net` is the module DeepSpeed wraps (engine.module): calling it runs DeepSpeed's hooks, which gather ZeRO-3's
+    partitioned parameters, and it computes in the parameters' dtype (bf16 under DeepSpeed's bf16 mode)."""
     import torch
     import torch.distributed as dist
 
     from jobs import data as job_data
 
     budgets = list(cfg.mone.val_budgets)
-    model.eval()
-    counts = torch.zeros(len(budgets), 3, dtype=torch.float64)  # (budget, [top1, top5, n])
-    seconds = torch.zeros(len(budgets), dtype=torch.float64)
+    net.eval()
+    # Accumulated on the loop's device: no host sync per batch, and NCCL (no CPU backend) can reduce them.
+    counts = torch.zeros(len(budgets), 3, dtype=torch.float64, device=device)  # (budget, [top1, top5, n])
+    seconds = torch.zeros(len(budgets), dtype=torch.float64, device=device)
     views = 1
     with torch.no_grad():
         for batch in job_data.iter_batches(val_shard, cfg.optim.batch_size, device, train=False):
@@ -514,16 +566,15 @@ def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg,
             flat = tokens.flatten(0, 1)  # (B*V, L, K)
             for i, b in enumerate(budgets):
                 t = time.perf_counter()
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model.forward_tokens(flat, budget=budget_arg(b))
+                logits = net(flat, budget=budget_arg(b))  # (B*V, classes)
                 logits = logits.float().view(B, views, -1).mean(1)  # multi-view: average logits
                 if device.type == "cuda":
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize()  # clips/s needs the real end of the forward
                 seconds[i] += time.perf_counter() - t
                 top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
-                hit = top5 == target[:, None]
-                counts[i, 0] += hit[:, 0].sum().item()
-                counts[i, 1] += hit.any(-1).sum().item()
+                hit = top5 == target[:, None]  # (B, 5)
+                counts[i, 0] += hit[:, 0].sum()
+                counts[i, 1] += hit.any(-1).sum()
                 counts[i, 2] += B
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
@@ -531,15 +582,14 @@ def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg,
         world = dist.get_world_size()
     else:
         world = 1
+    counts, seconds = counts.cpu(), seconds.cpu()
     out: dict[str, Any] = {"val_clips": int(counts[0, 2].item())}
     for i, b in enumerate(budgets):
         n = max(1.0, counts[i, 2].item())
         caps = budget_arg(b)
         out[f"top1_ec{b}"] = counts[i, 0].item() / n
         out[f"top5_ec{b}"] = counts[i, 1].item() / n
-        out[f"gflops_ec{b}"] = views * model_flops(model.cfg, capacities=caps) / 1e9
+        out[f"gflops_ec{b}"] = views * model_flops(net.model.cfg, capacities=caps) / 1e9
         # Workers ran in parallel: clips per second of the whole group = n / mean worker time.
         out[f"clips_per_s_ec{b}"] = n / max(seconds[i].item() / world, 1e-9)
     return out
-
-

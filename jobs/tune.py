@@ -686,7 +686,6 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
                grace_period: int = 1, max_concurrent: int | None = None, address: str | None = None,
                seed: int = 0, verbose: int = 1, echo=print) -> dict[str, Any]:
     """Runs (or resumes) a training-time search; returns the summary (the CLI's final JSON line)."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -719,11 +718,13 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
     for k, v in _worker_env(cfg).items():
         os.environ.setdefault(k, v)
     _ray_init(address)
-    resources = ray.cluster_resources()
-    concurrent = max_concurrent or trials_that_fit(cfg, resources)
-    from jobs.train import check_resources
+    from jobs.preflight import check_resources, cluster_capacity
 
-    check_resources(cfg, resources)  # one trial must fit, or it would wait forever
+    capacity = cluster_capacity()  # on an autoscaling cluster: what it can grow to
+    for warning in check_resources(cfg, capacity):  # one trial must fit, or it would wait forever
+        echo(f"[tune] {warning}", flush=True)
+    most = {r: capacity.most(r) for r in {*capacity.now, *(capacity.ceiling or {})}}
+    concurrent = max_concurrent or trials_that_fit(cfg, most)
 
     base = cfg.to_dict()
     trainable = tune.with_resources(  # ~0 CPU for the trial itself: its TorchTrainer takes the CPUs (deadlock 2)

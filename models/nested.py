@@ -117,7 +117,9 @@ class _NestedOutResidual(torch.autograd.Function):
     def forward(ctx, x: Tensor, h: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, bounds: Bounds):
         dt = _compute_dtype(h)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype, None if scale is None else scale.dtype)
-        out = torch.empty_like(x)  # (M, D) residual stream keeps its own dtype (fp32 under autocast)
+        # (M, D) residual stream keeps its own dtype (fp32 under autocast). One contiguous copy carries every
+        # expert's untouched channels [d:], instead of one strided copy per expert.
+        out = x.clone()
         ys = []
         with _no_autocast(x):
             h, weight, bias = h.to(dt), weight.to(dt), bias.to(dt)
@@ -125,12 +127,10 @@ class _NestedOutResidual(torch.autograd.Function):
                 # FLOPs: 2 * (b-a) * Din * d
                 y = torch.addmm(bias[:d], h[a:b], weight[:d].t())  # (k, Din) @ (Din, d) -> (k, d)
                 if scale is None:
-                    torch.add(x[a:b, :d], y, out=out[a:b, :d])  # (k, d)
+                    out[a:b, :d].add_(y)  # (k, d)
                 else:
-                    torch.addcmul(x[a:b, :d], y, scale[a:b, None].to(y.dtype), out=out[a:b, :d])  # (k, d)
+                    out[a:b, :d].addcmul_(y, scale[a:b, None].to(y.dtype))  # (k, d)
                     ys.append(y)
-                if d < x.shape[1]:
-                    out[a:b, d:] = x[a:b, d:]  # untouched channels
         ctx.save_for_backward(h, weight, scale, *ys)
         ctx.bounds = bounds
         return out

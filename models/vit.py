@@ -197,6 +197,8 @@ class _MoNEEncoder(nn.Module):
         """tokens (B, L, K) flattened tubelets (dt, py, px, c) -> (B, L, D): the patch conv as a linear.
 
         uint8 tokens are normalised here, (x/255 - mean_c) / std_c; float tokens are taken as normalised.
+        The result has the weight's dtype whatever the buffers' dtype: DeepSpeed's bf16 mode casts parameters
+        to bf16 but keeps buffers (pixel_mean/std) in fp32, and runs without autocast.
         """
         cfg = self.cfg
         if tokens.shape[-1] != cfg.token_dim:
@@ -204,9 +206,10 @@ class _MoNEEncoder(nn.Module):
         w = self.patch_embed.token_weight()  # (D, K)
         if tokens.dtype == torch.uint8:
             reps = cfg.token_dim // cfg.in_chans
-            scale = (1.0 / (255.0 * self.pixel_std)).repeat(reps)  # (K,) channel c = k % C
-            shift = (self.pixel_mean / self.pixel_std).repeat(reps)  # (K,)
-            x = torch.addcmul(-shift, tokens.to(w.dtype), scale)  # (B, L, K)
+            std, mean = self.pixel_std.float(), self.pixel_mean.float()  # fp32 even if a caller cast the buffers
+            scale = (1.0 / (255.0 * std)).repeat(reps)  # (K,) channel c = k % C
+            shift = (mean / std).repeat(reps)  # (K,)
+            x = torch.addcmul(-shift, tokens.float(), scale).to(w.dtype)  # (B, L, K) normalised in fp32
         else:
             x = tokens.to(w.dtype)  # (B, L, K)
         # FLOPs: 2 * L * K * D
@@ -214,7 +217,7 @@ class _MoNEEncoder(nn.Module):
 
     def embed_pixels(self, pixels: Tensor) -> Tensor:
         """pixels (B, C, [T,] H, W) normalised -> (B, L, D), tubelets in (t', gy, gx) order."""
-        x = self.patch_embed.proj(pixels)  # (B, D, [T',] gh, gw)
+        x = self.patch_embed.proj(pixels.to(self.patch_embed.proj.weight.dtype))  # (B, D, [T',] gh, gw)
         return x.flatten(2).transpose(1, 2)  # (B, L, D)
 
     # --- spatial encoder -------------------------------------------------------------------------------

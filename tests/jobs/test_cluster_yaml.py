@@ -120,3 +120,27 @@ def test_gpu_workers_autoscale_and_project_is_installed():
     torch_at = next(i for i, c in enumerate(cmds) if "pip install" in c and "torch" in c)
     project_at = next(i for i, c in enumerate(cmds) if f"pip install -e {mount}" in c)
     assert torch_at < project_at
+
+
+# Network cards with EFA per instance type (AWS): NCCL between nodes should use every one.
+EFA_CARDS = {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16}
+
+
+def test_gpu_nodes_use_efa_on_every_network_card_and_share_the_heads_security_group():
+    from ray.autoscaler._private.aws.config import _configure_subnets_and_groups_from_network_interfaces
+
+    cfg = load()
+    node = cfg["available_node_types"][_gpu_type(cfg)]["node_config"]
+    cards = EFA_CARDS.get(node["InstanceType"])
+    if cards is None:
+        pytest.skip(f"{node['InstanceType']} has no EFA")
+    nics = node["NetworkInterfaces"]
+    assert sorted(n["NetworkCardIndex"] for n in nics) == list(range(cards))
+    assert all(n["InterfaceType"] == "efa" for n in nics)
+    assert [n["DeviceIndex"] for n in nics if n["NetworkCardIndex"] == 0] == [0]
+    # Ray's own rule for interfaces (subnet and groups inside each one, none beside them) as `ray up` applies it
+    ray_node = _configure_subnets_and_groups_from_network_interfaces(node)
+    head_groups = cfg["available_node_types"][cfg["head_node_type"]]["node_config"]["SecurityGroupIds"]
+    assert set(ray_node["SecurityGroupIds"]) == set(head_groups) and len(set(ray_node["SubnetIds"])) == 1
+    # libfabric is told to use EFA on the workers
+    assert any("FI_PROVIDER=efa" in c for c in cfg["worker_start_ray_commands"])
