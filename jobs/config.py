@@ -82,6 +82,14 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (SGD with momentum, as ViViT)
+    momentum: float = 0.9  # sgd only
+    # optim.lr and optim.min_lr are the rates for a global batch of this many clips; the job scales them linearly
+    # to the real global batch (batch_size x num_workers x grad_accum). 0: take optim.lr as it is.
+    lr_reference_batch: int = 256
+    layer_decay: float = 1.0  # layer-wise lr decay: lr x layer_decay^(layers above); 1 = off
+    ema_decay: float = 0.0  # EMA of the weights (e.g. 0.9999); 0 = off. When on, the inference checkpoint has it
+    grad_accum: int = 1  # DeepSpeed gradient_accumulation_steps: micro-batches per optimizer step
 
 
 @dataclass
@@ -90,6 +98,10 @@ class MoNEConfig:
     # From scratch (no dense/nested checkpoint to start from, unlike the paper), train dense for these first
     # epochs so the features exist before the router starts cutting compute.
     dense_epochs: int = 0
+    # Nested stage (MatViT/MatFormer), before the dense and MoNE stages: the widths D/8, D/4, D/2, D trained as
+    # standalone sub-models. nested_mode: sum (the four widths' losses every step) | draw (one width per step).
+    nested_epochs: int = 0
+    nested_mode: str = "sum"
     train_budgets: list[float] = field(default_factory=lambda: list(PAPER_TRAIN_BUDGETS))
     isoflops: bool = False  # sample budgets so expected FLOPs per step match e_c = isoflops_target
     isoflops_target: float = 0.5
@@ -231,13 +243,16 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config '{name_or_path}' not found: give a YAML path or one of: {available}")
 
 
-def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
+                check_paths: bool = True) -> TrainConfig:
+    """A shipped config name or YAML path, with key=value overrides, validated (`check_paths=False`: the dataset
+    need not exist here, e.g. for `mone train --dry-run` of a cluster config)."""
     path = resolve_config_path(name_or_path)
     raw = yaml.safe_load(path.read_text()) or {}
     raw.setdefault("name", path.stem)
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = _from_dict(TrainConfig, raw, "")
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -261,7 +276,7 @@ def _choice(value: str, allowed: tuple[str, ...], path: str) -> None:
         raise ConfigError(f"{path}: '{value}' is not one of {', '.join(allowed)}")
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Checks that need no Ray: values, ranges, names, paths. Resource checks happen in train.check_resources."""
     from models.vit import VARIANTS  # models/ is pure torch; importing it here costs ~1 s
 
@@ -276,7 +291,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice(d.sampling, ("segment", "dense"), "data.sampling")
     _choice(d.decoder, ("auto", "decord", "pyav"), "data.decoder")
     _choice(d.train_crop, ("random_resized", "random", "center"), "data.train_crop")
-    if d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
+    if check_paths and d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data.root: dataset path '{d.root}' does not exist (leave it empty to use generated data)")
     if d.crop_size % d.patch:
         raise ConfigError(f"data.crop_size={d.crop_size} must be a multiple of data.patch={d.patch}")
@@ -305,6 +320,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"optim.{name}={getattr(o, name)} must be >= 1")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
+    _validate_recipe(cfg)
+    _check_clip_matches_model(cfg)
     s = cfg.scaling
     if s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers={s.num_workers} must be >= 1")
@@ -314,6 +331,47 @@ def validate(cfg: TrainConfig) -> None:
     if not s.use_gpu and s.precision == "bf16":
         # bf16 matmuls ran ~5x slower than fp32 on these CPUs (no bf16 units).
         raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true; on CPU use fp32 (or auto)")
+
+
+def _check_clip_matches_model(cfg: TrainConfig) -> None:
+    """The clips the pipeline cuts must be what the model was built for (its position embeddings, tubelets)."""
+    from models.vit import get_config
+
+    try:
+        mc = get_config(cfg.model.variant, **cfg.model.overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+    d = cfg.data
+    for data_key, value, model_key, model_value in (("crop_size", d.crop_size, "img_size", mc.img_size),
+                                                    ("num_frames", d.num_frames, "num_frames", mc.num_frames),
+                                                    ("tubelet_t", d.tubelet_t, "tubelet_t", mc.tubelet_t),
+                                                    ("patch", d.patch, "patch_size", mc.patch_size)):
+        if (mc.video or data_key in ("crop_size", "patch")) and value != model_value:
+            raise ConfigError(f"data.{data_key}={value} but model {cfg.model.variant} has {model_key}="
+                              f"{model_value}; set model.overrides.{model_key}={value} (or data.{data_key}="
+                              f"{model_value})")
+
+
+def _validate_recipe(cfg: TrainConfig) -> None:
+    """Optimiser and training-stage settings (issue 10's recipe)."""
+    o, m = cfg.optim, cfg.mone
+    _choice(o.optimizer, ("adamw", "sgd"), "optim.optimizer")
+    _choice(m.nested_mode, ("sum", "draw"), "mone.nested_mode")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum={o.momentum} must be in [0, 1) (0.9 is usual)")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1 = off; 0.75 is usual)")
+    if not 0 <= o.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0 = off; 0.9999 is usual)")
+    if o.ema_decay and cfg.scaling.zero_stage == 3:
+        raise ConfigError("optim.ema_decay needs scaling.zero_stage <= 2: under ZeRO-3 no rank holds the whole "
+                          "weights to average; set scaling.zero_stage=2 or optim.ema_decay=0")
+    if o.grad_accum < 1:
+        raise ConfigError(f"optim.grad_accum={o.grad_accum} must be >= 1 (micro-batches per optimizer step)")
+    if o.lr_reference_batch < 0:
+        raise ConfigError(f"optim.lr_reference_batch={o.lr_reference_batch} must be >= 0 (0: optim.lr as given)")
+    if m.nested_epochs < 0:
+        raise ConfigError(f"mone.nested_epochs={m.nested_epochs} must be >= 0")
 
 
 def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

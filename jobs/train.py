@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -24,9 +23,14 @@ from typing import Any
 from jobs import run_files
 from jobs.config import ConfigError, TrainConfig, config_from_dict, dump_config, load_config
 
+# The paper and ViViT count a multiply-add as one FLOP and give GFLOPs per view; torch's flop counter counts two.
+FLOPS_CONVENTION = ("gmacs_*: GFLOPs per view as the paper counts them (a multiply-add = 1); gflops_*: per clip "
+                    "over val_views views with a multiply-add = 2 (torch.utils.flop_counter)")
 DS_SUBDIR = "deepspeed"  # inside a Ray checkpoint: DeepSpeed's own files (every rank's shards)
 DS_TAG = "state"
 STATE_FILE = "train_state.json"  # epoch, global step, metric history (rank 0)
+EMA_FILE = "ema.pt"  # the EMA of the weights (optim.ema_decay > 0), for resuming
+RAW_WEIGHTS_FILE = "model_raw.pt"  # in inference/ when EMA is on: model.pt holds the EMA, this the raw weights
 
 
 # =========================================================================== driver
@@ -155,8 +159,12 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "bad_videos": n_errors,
     }
     for b in cfg.mone.val_budgets:
-        for key in (f"top1_ec{b}", f"top5_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}"):
-            summary[key] = last.get(key)
+        for key in (f"top1_ec{b}", f"top5_ec{b}", f"gmacs_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}",
+                    f"top1_ema_ec{b}"):
+            if key in last or not key.startswith("top1_ema"):
+                summary[key] = last.get(key)
+    summary["val_views"] = last.get("val_views")
+    summary["flops_convention"] = FLOPS_CONVENTION
     print(f"[mone] done in {summary['wall_s']} s. run directory: {run_dir}\n"
           f"[mone] inference checkpoint: {inference_dir}\n[mone] plot: {plot}\n"
           f"[mone] metrics: {run_files.join(run_dir, 'metrics.jsonl')}")
@@ -228,12 +236,16 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _budget_table(metrics: dict[str, Any], budgets: list[float]) -> str:
-    rows = ["  e_c    GFLOPs/clip   top-1    top-5   clips/s"]
+    rows = ["  e_c    GFLOPs/view*  top-1    top-5   clips/s"]
     for b in budgets:
-        g, t1, t5, cps = (metrics.get(f"{k}_ec{b}") for k in ("gflops", "top1", "top5", "clips_per_s"))
+        g, t1, t5, cps = (metrics.get(f"{k}_ec{b}") for k in ("gmacs", "top1", "top5", "clips_per_s"))
         if t1 is None:
             continue
-        rows.append(f"  {b:<5}  {g:>11.3f}  {100 * t1:6.1f}%  {100 * t5:6.1f}%  {cps:8.1f}")
+        ema = metrics.get(f"top1_ema_ec{b}")
+        rows.append(f"  {b:<5}  {g:>12.4g}  {100 * t1:6.1f}%  {100 * t5:6.1f}%  {cps:8.1f}"
+                    + ("" if ema is None else f"   EMA top-1 {100 * ema:.1f}%"))
+    rows.append(f"  * the paper's convention (a multiply-add = 1 FLOP), per view; {metrics.get('val_views', 1)} "
+                "view(s) per clip")
     return "\n".join(rows)
 
 
@@ -247,7 +259,7 @@ def _plot_accuracy_vs_gflops(history: list[dict[str, Any]], path: str, cfg: Trai
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     shown = history[-3:]
     for i, m in enumerate(shown):
-        xs = [m.get(f"gflops_ec{b}") for b in budgets]
+        xs = [m.get(f"gmacs_ec{b}", m.get(f"gflops_ec{b}", 0) / 2) for b in budgets]
         ys = [100 * m[f"top1_ec{b}"] for b in budgets if m.get(f"top1_ec{b}") is not None]
         if len(ys) != len(budgets):
             continue
@@ -257,7 +269,7 @@ def _plot_accuracy_vs_gflops(history: list[dict[str, Any]], path: str, cfg: Trai
         if last:
             for b, x, y in zip(budgets, xs, ys, strict=True):
                 ax.annotate(f"e_c={b}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
-    ax.set_xlabel("GFLOPs per clip")
+    ax.set_xlabel(f"GFLOPs per view (multiply-add = 1, as in the paper; {shown[-1].get('val_views', 1)} view(s)/clip)")
     ax.set_ylabel("top-1 accuracy (%)")
     kind = "dense-trained" if cfg.mone.dense else "MoNE"
     ax.set_title(f"{cfg.model.variant} ({kind}): accuracy vs compute")
@@ -307,27 +319,15 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
     bf16 = cfg.scaling.precision == "bf16" or (cfg.scaling.precision == "auto" and use_gpu)
     return {
         "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        # DeepSpeed whitelists Adam-type optimizers for ZeRO; torch's SGD works under ZeRO-1/2 (tests/jobs/test_optim)
+        "zero_allow_untested_optimizer": cfg.optim.optimizer == "sgd",
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # our own progress lines instead
         "wall_clock_breakdown": False,
     }
-
-
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    warmup = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch))
-    total = max(warmup + 1, cfg.optim.epochs * steps_per_epoch)
-    floor = cfg.optim.min_lr / cfg.optim.lr
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / (total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -337,9 +337,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from jobs import data as job_data
+    from jobs import optim as recipe
     from jobs.checkpoint import save_inference
-    from models.capacity import capacities_for_budget
+    from models.capacity import capacities_for_budget, width_fractions
     from models.flops import model_flops
+    from models.training import ema_model, nested_loss, width_capacities, width_names
     from models.vit import create_model
 
     cfg = config_from_dict(loop["config"])
@@ -359,21 +361,17 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         load_pretrained(model, cfg.model.init_from)
     model.to(device)
     net = TokensClassifier(model)
+    ema = ema_model(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # fp32, before DeepSpeed casts
 
     if not use_gpu:  # also when the cluster was started without our environment (`ray start`, a job)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     _disable_deepspeed_shm_comm()
-    steps_per_epoch = max(1, loop["num_train"] // (cfg.optim.batch_size * world))
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=(0.9, 0.999),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    steps_per_epoch = max(1, loop["num_train"] // (cfg.optim.batch_size * world))  # micro-batches per worker
+    optimizer = recipe.build_optimizer(model, cfg)  # groups: no_weight_decay(), layer-wise lr, lr x batch scale
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # DeepSpeed steps it once per optimizer step
+        optimizer, recipe.lr_lambda(cfg, recipe.steps_per_epoch(cfg, loop["num_train"])))
     engine, _, _, _ = deepspeed.initialize(
         model=net, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_gpu),
         dist_init_required=False,
@@ -387,6 +385,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, DS_SUBDIR), tag=DS_TAG)
             state = json.loads(Path(d, STATE_FILE).read_text())
+            if ema is not None:
+                ema.load_state_dict(torch.load(Path(d, EMA_FILE), map_location=device, weights_only=True))
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
@@ -399,6 +399,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     def budget_arg(e_c: float):
         return None if e_c >= 1.0 else capacities_for_budget(e_c, delta=cfg.mone.delta, beta=cfg.mone.beta)
 
+    n_widths = model.cfg.num_experts
+    width_fracs = width_fractions(n_widths)  # d_j / D: a width's sub-model is e_c = d_j / D
+
     for epoch in range(start_epoch, cfg.optim.epochs):
         loop["train_error_log"].set_epoch(epoch)  # decode workers seed sampling/crops with it
         engine.train()
@@ -407,14 +410,26 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         for batch in job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True):
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
-            # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
-            e_c = 1.0 if epoch < cfg.mone.dense_epochs else float(
-                np.random.default_rng([cfg.run.seed, global_step]).choice(budgets, p=probs))
+            # Same e_c (or width) on every worker for a step (seeded by the step): no rank waits on a slower one.
+            step_rng = np.random.default_rng([cfg.run.seed, global_step])
+            stage = recipe.stage_of(cfg, epoch)
+
+            def criterion(logits, target=target):  # (B, classes) -> scalar
+                return F.cross_entropy(logits.float(), target, label_smoothing=cfg.optim.label_smoothing)
+
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = engine(tokens, budget=budget_arg(e_c))  # (B, classes)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.optim.label_smoothing)
+                if stage == "nested":  # every width a standalone sub-model: all four summed, or one drawn
+                    widths = range(n_widths) if cfg.mone.nested_mode == "sum" else [int(step_rng.integers(n_widths))]
+                    loss = nested_loss(lambda t, c: engine(t, budget=c), tokens, criterion, widths)
+                    e_c = sum(width_fracs[j] for j in widths) / len(widths)
+                else:
+                    e_c = 1.0 if stage == "dense" else float(step_rng.choice(budgets, p=probs))
+                    loss = criterion(engine(tokens, budget=budget_arg(e_c)))  # logits (B, classes)
+            boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
             engine.backward(loss)
             engine.step()
+            if ema is not None and boundary:
+                ema.update_parameters(model)
             global_step += 1
             n_steps += 1
             n_clips += tokens.shape[0]
@@ -422,7 +437,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if rank == 0 and (n_steps % cfg.run.log_every == 0 or n_steps == 1):
                 rate = n_clips * world / (time.time() - t_epoch)
                 print(f"[mone] epoch {epoch + 1}/{cfg.optim.epochs} step {n_steps}/~{steps_per_epoch} "
-                      f"loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
+                      f"[{stage}] loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"{rate:.1f} clips/s", flush=True)
         train_time = time.time() - t_epoch
         if cfg.run.record_shards:
@@ -435,14 +450,22 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             "train_clips_per_s": n_clips * world / max(train_time, 1e-9),
             "lr": scheduler.get_last_lr()[0],
         }
-        metrics.update(_validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops))
+        extra = []  # nested stage: each width's sub-model; EMA on: its weights at every budget
+        if recipe.stage_of(cfg, epoch) == "nested":
+            extra += [(f"width{n}", model, c) for n, c in zip(width_names(n_widths), width_capacities(n_widths),
+                                                               strict=True)]
+        if ema is not None:
+            extra += [(f"ema_ec{b}", ema.module, budget_arg(b)) for b in cfg.mone.val_budgets]
+        metrics.update(_validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops, extra))
         history.append(metrics)
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
                                  "".join(json.dumps(m) + "\n" for m in history))
             print("[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, ".format(
                 epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"])
-                + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets),
+                + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets)
+                + "".join(f", width {k[9:]}xD {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_width"))
+                + "".join(f", EMA@{k[12:]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_ema_ec")),
                 flush=True)
 
         last_epoch = epoch == cfg.optim.epochs - 1
@@ -452,13 +475,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 if rank == 0:
                     Path(tmp, STATE_FILE).write_text(json.dumps(
                         {"epoch": epoch, "global_step": global_step, "history": history}))
+                    raw = _full_state_dict(engine)
+                    if ema is not None:  # EMA on: it is the inference model; the raw weights go beside it
+                        torch.save(ema.state_dict(), Path(tmp, EMA_FILE))
                     save_inference(
-                        Path(tmp, "inference"), _full_state_dict(engine),
+                        Path(tmp, "inference"), raw if ema is None else ema.module.state_dict(),
                         variant=cfg.model.variant, num_classes=len(labels), labels=labels,
                         clip=loop["eval_clip"], overrides=cfg.model.overrides,
                         extra={"train_budgets": budgets, "val_budgets": list(cfg.mone.val_budgets),
                                "dense": cfg.mone.dense, "run": {"name": cfg.run_name, "epoch": epoch,
-                                                                 "global_step": global_step}},
+                                                                 "global_step": global_step},
+                               "weights": "raw" if ema is None else f"ema (decay {cfg.optim.ema_decay})"},
+                        extra_weights=None if ema is None else {RAW_WEIGHTS_FILE: raw},
                     )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
@@ -474,27 +502,33 @@ def _full_state_dict(engine) -> dict[str, Any]:
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
-def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg, model_flops) -> dict[str, Any]:
-    """Top-1/top-5, GFLOPs per clip and clips/s at each validation budget, on one decode of the val set."""
+def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg, model_flops,
+              extra: list[tuple[str, Any, Any]] | None = None) -> dict[str, Any]:
+    """Top-1/top-5, FLOPs and clips/s at each validation budget, on one decode of the val set. `extra`:
+    more (key, model, capacities) entries on the same decode (nested widths, the EMA weights).
+
+    FLOPs: `gmacs_<key>` per view in the paper's convention (a multiply-add is one FLOP: what the paper and ViViT
+    call GFLOPs), `val_views` views per clip; `gflops_<key>` per clip over all views with a multiply-add as two."""
     import torch
     import torch.distributed as dist
 
     from jobs import data as job_data
 
-    budgets = list(cfg.mone.val_budgets)
-    model.eval()
-    counts = torch.zeros(len(budgets), 3, dtype=torch.float64)  # (budget, [top1, top5, n])
-    seconds = torch.zeros(len(budgets), dtype=torch.float64)
+    entries = [(f"ec{b}", model, budget_arg(b)) for b in cfg.mone.val_budgets] + list(extra or [])
+    for m in {id(m): m for _, m, _ in entries}.values():
+        m.eval()
+    counts = torch.zeros(len(entries), 3, dtype=torch.float64)  # (entry, [top1, top5, n])
+    seconds = torch.zeros(len(entries), dtype=torch.float64)
     views = 1
     with torch.no_grad():
         for batch in job_data.iter_batches(val_shard, cfg.optim.batch_size, device, train=False):
             tokens, target = batch["tokens"], batch["label"]  # (B, V, L, K), (B,)
             B, views = tokens.shape[:2]
             flat = tokens.flatten(0, 1)  # (B*V, L, K)
-            for i, b in enumerate(budgets):
+            for i, (_, m, caps) in enumerate(entries):
                 t = time.perf_counter()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model.forward_tokens(flat, budget=budget_arg(b))
+                    logits = m.forward_tokens(flat, budget=caps)
                 logits = logits.float().view(B, views, -1).mean(1)  # multi-view: average logits
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -510,15 +544,14 @@ def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg,
         world = dist.get_world_size()
     else:
         world = 1
-    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item())}
-    for i, b in enumerate(budgets):
+    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item()), "val_views": views}
+    for i, (key, m, caps) in enumerate(entries):
         n = max(1.0, counts[i, 2].item())
-        caps = budget_arg(b)
-        out[f"top1_ec{b}"] = counts[i, 0].item() / n
-        out[f"top5_ec{b}"] = counts[i, 1].item() / n
-        out[f"gflops_ec{b}"] = views * model_flops(model.cfg, capacities=caps) / 1e9
+        out[f"top1_{key}"] = counts[i, 0].item() / n
+        out[f"top5_{key}"] = counts[i, 1].item() / n
+        flops = model_flops(m.cfg, capacities=caps)  # per view, a multiply-add = 2
+        out[f"gmacs_{key}"] = flops / 2e9
+        out[f"gflops_{key}"] = views * flops / 1e9
         # Workers ran in parallel: clips per second of the whole group = n / mean worker time.
-        out[f"clips_per_s_ec{b}"] = n / max(seconds[i].item() / world, 1e-9)
+        out[f"clips_per_s_{key}"] = n / max(seconds[i].item() / world, 1e-9)
     return out
-
-
