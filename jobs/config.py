@@ -293,6 +293,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     _choice(d.train_crop, ("random_resized", "random", "center"), "data.train_crop")
     if check_paths and d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data.root: dataset path '{d.root}' does not exist (leave it empty to use generated data)")
+    init = cfg.model.init_from
+    if check_paths and init and "://" not in init and not Path(init).expanduser().exists():
+        raise ConfigError(f"model.init_from: '{init}' does not exist (give a ViT/ViViT/timm state dict, an inference "
+                          "checkpoint or the run directory of a finished run, e.g. the nested stage's)")
     if d.crop_size % d.patch:
         raise ConfigError(f"data.crop_size={d.crop_size} must be a multiple of data.patch={d.patch}")
     if d.num_frames % d.tubelet_t:

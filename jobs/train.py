@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="tiny_cpu", help="config name under jobs/configs/ or a YAML path")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=3")
     p.add_argument("--dense", action="store_true", help="train the dense baseline (e_c = 1 every step)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (YAML) and the plan (stages, global batch, scaled lr, steps per "
+                        "epoch, GFLOPs per view at each validation budget), then exit; starts nothing")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-resource-check", action="store_true",
                    help="skip the check that the cluster has the CPUs/GPUs the workers need (autoscaling clusters)")
@@ -62,10 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["mone.dense=true"] if args.dense else [])
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, check_paths=not args.dry_run)
     except (ConfigError, FileNotFoundError) as e:
         print(f"mone train: {e}")
         return 2
+    if args.dry_run:  # no Ray, no data generation, no GPU
+        from jobs.plan import describe, format_plan
+
+        plan = describe(cfg)
+        print(_yaml(cfg) + "\n" + format_plan(plan) + "\n" + json.dumps(plan))
+        return 0
     summary = train(cfg, address=args.address, resource_check=not args.no_resource_check)
     print(json.dumps(summary))
     return 0
@@ -338,7 +347,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from jobs import data as job_data
     from jobs import optim as recipe
-    from jobs.checkpoint import save_inference
+    from jobs.checkpoint import find_inference_dir, save_inference
     from models.capacity import capacities_for_budget, width_fractions
     from models.flops import model_flops
     from models.training import ema_model, nested_loss, width_capacities, width_names
@@ -358,7 +367,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if cfg.model.init_from:
         from models.weights import load_pretrained
 
-        load_pretrained(model, cfg.model.init_from)
+        init = cfg.model.init_from  # a run directory (the previous stage's run) means its inference checkpoint
+        load_pretrained(model, find_inference_dir(init) if Path(init).expanduser().is_dir() else init)
     model.to(device)
     net = TokensClassifier(model)
     ema = ema_model(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # fp32, before DeepSpeed casts
