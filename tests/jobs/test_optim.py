@@ -127,7 +127,8 @@ def test_two_accumulated_half_batches_give_the_gradients_of_one_full_batch(singl
                                           dist_init_required=False)
         mb = 8 // accum
         for i in range(accum):
-            loss = F.cross_entropy(engine.module.forward_tokens(tokens[i * mb:(i + 1) * mb]), target[i * mb:(i + 1) * mb])
+            part = slice(i * mb, (i + 1) * mb)
+            loss = F.cross_entropy(engine.module.forward_tokens(tokens[part]), target[part])
             engine.backward(loss)
             engine.step()
         assert engine.global_steps == 1  # one optimizer step for the accumulated batch

@@ -92,7 +92,7 @@ def _train_cmd(storage: Path, cache: Path, epochs: int) -> list[str]:
         "data.synth.corrupt=1", "data.synth.frames=8", "data.synth.width=64", "data.synth.height=64",
         "scaling.num_workers=2", "scaling.zero_stage=2", "mone.val_budgets=[0.3,1.0]",
         f"data.cache_dir={cache}", f"run.storage_path={storage}", "run.name=resume", "run.record_shards=true",
-        "run.max_failures=0",
+        "run.max_failures=0", "mone.nested_epochs=1", "optim.ema_decay=0.9",
     ]
 
 
@@ -148,6 +148,11 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     assert summary["num_classes"] == 4 and 0.0 <= summary["top1_ec0.3"] <= 1.0
     assert summary["bad_videos"] >= 1  # the corrupt file was skipped and recorded
     assert (run_dir / "errors.parquet").exists() and (run_dir / "accuracy_vs_gflops.png").exists()
+    # The nested stage (epoch 0) validated every width; GFLOPs per view in the paper's convention, named.
+    assert {"top1_width0.125", "top1_width0.25", "top1_width0.5", "top1_width1.0"} <= set(history[0])
+    assert "top1_width0.125" not in history[1]
+    assert summary["gmacs_ec0.3"] == pytest.approx(history[-1]["gflops_ec0.3"] / 2 / summary["val_views"])
+    assert "multiply-add = 1" in summary["flops_convention"] and "top1_ema_ec0.3" in summary
 
     # The consolidated inference checkpoint loads without DeepSpeed and serves any budget.
     import torch
@@ -156,6 +161,13 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
 
     ck = load_inference(run_dir)
     assert ck.labels == json.loads((run_dir / "labels.json").read_text())
+    # EMA on: the inference checkpoint holds the EMA weights (as saved for resuming), the raw ones beside them.
+    assert ck.meta["weights"].startswith("ema")
+    ema = torch.load(Path(summary["ray_checkpoint"]) / "ema.pt", weights_only=True)
+    raw = torch.load(ck.path / "model_raw.pt", weights_only=True)
+    for k, v in ck.model.state_dict().items():
+        torch.testing.assert_close(v, ema[f"module.{k}"], msg=k)
+    assert any(not torch.equal(v, raw[k]) for k, v in ck.model.state_dict().items())
     L = ck.model.cfg.temporal_tokens * ck.model.cfg.num_patches
     tokens = torch.randint(0, 255, (2, L, ck.model.cfg.token_dim), dtype=torch.uint8)
     assert ck.model.forward_tokens(tokens, budget=0.3).shape == (2, 4)
