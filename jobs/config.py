@@ -243,10 +243,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config '{name_or_path}' not found: give a YAML path or one of: {available}")
 
 
-def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
                 check_paths: bool = True) -> TrainConfig:
-    """A shipped config name or YAML path, with key=value overrides, validated (`check_paths=False`: the dataset
-    need not exist here, e.g. for `mone train --dry-run` of a cluster config)."""
+    """`check_paths=False` skips checking that data.root exists here (a dry run of a cluster's config)."""
     path = resolve_config_path(name_or_path)
     raw = yaml.safe_load(path.read_text()) or {}
     raw.setdefault("name", path.stem)
@@ -325,7 +324,6 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
     _validate_recipe(cfg)
-    _check_clip_matches_model(cfg)
     s = cfg.scaling
     if s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers={s.num_workers} must be >= 1")
@@ -335,25 +333,6 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     if not s.use_gpu and s.precision == "bf16":
         # bf16 matmuls ran ~5x slower than fp32 on these CPUs (no bf16 units).
         raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true; on CPU use fp32 (or auto)")
-
-
-def _check_clip_matches_model(cfg: TrainConfig) -> None:
-    """The clips the pipeline cuts must be what the model was built for (its position embeddings, tubelets)."""
-    from models.vit import get_config
-
-    try:
-        mc = get_config(cfg.model.variant, **cfg.model.overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.overrides: {e}") from None
-    d = cfg.data
-    for data_key, value, model_key, model_value in (("crop_size", d.crop_size, "img_size", mc.img_size),
-                                                    ("num_frames", d.num_frames, "num_frames", mc.num_frames),
-                                                    ("tubelet_t", d.tubelet_t, "tubelet_t", mc.tubelet_t),
-                                                    ("patch", d.patch, "patch_size", mc.patch_size)):
-        if (mc.video or data_key in ("crop_size", "patch")) and value != model_value:
-            raise ConfigError(f"data.{data_key}={value} but model {cfg.model.variant} has {model_key}="
-                              f"{model_value}; set model.overrides.{model_key}={value} (or data.{data_key}="
-                              f"{model_value})")
 
 
 def _validate_recipe(cfg: TrainConfig) -> None:
