@@ -172,6 +172,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
                     f"top1_ema_ec{b}"):
             if key in last or not key.startswith("top1_ema"):
                 summary[key] = last.get(key)
+    summary.update({k: v for k, v in last.items() if k.startswith(("top1_width", "gmacs_width"))})  # nested stage
     summary["val_views"] = last.get("val_views")
     summary["flops_convention"] = FLOPS_CONVENTION
     print(f"[mone] done in {summary['wall_s']} s. run directory: {run_dir}\n"
