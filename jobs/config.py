@@ -101,7 +101,7 @@ class MoNEConfig:
     # Nested stage (MatViT/MatFormer), before the dense and MoNE stages: the widths D/8, D/4, D/2, D trained as
     # standalone sub-models. nested_mode: sum (the four widths' losses every step) | draw (one width per step).
     nested_epochs: int = 0
-    nested_mode: str = "sum"
+    nested_mode: str = "draw"
     train_budgets: list[float] = field(default_factory=lambda: list(PAPER_TRAIN_BUDGETS))
     isoflops: bool = False  # sample budgets so expected FLOPs per step match e_c = isoflops_target
     isoflops_target: float = 0.5
