@@ -25,7 +25,7 @@ from jobs.config import ConfigError, TrainConfig, config_from_dict, dump_config,
 
 # The paper and ViViT count a multiply-add as one FLOP and give GFLOPs per view; torch's flop counter counts two.
 FLOPS_CONVENTION = ("gmacs_*: GFLOPs per view as the paper counts them (a multiply-add = 1); gflops_*: per clip "
-                    "over val_views views with a multiply-add = 2 (torch.utils.flop_counter)")
+                    "over views_per_clip views with a multiply-add = 2 (torch.utils.flop_counter)")
 DS_SUBDIR = "deepspeed"  # inside a Ray checkpoint: DeepSpeed's own files (every rank's shards)
 DS_TAG = "state"
 STATE_FILE = "train_state.json"  # epoch, global step, metric history (rank 0)
@@ -165,7 +165,9 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "global_step": last.get("global_step", 0),
         "wall_s": round(time.time() - t0, 1),
         "train_loss": last.get("train_loss"),
+        "data_wait_fraction": last.get("data_wait_fraction"),
         "bad_videos": n_errors,
+        "val_views": cfg.data.val_views,  # the per-epoch validation below (last epoch)
     }
     for b in cfg.mone.val_budgets:
         for key in (f"top1_ec{b}", f"top5_ec{b}", f"gmacs_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}",
@@ -173,8 +175,10 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
             if key in last or not key.startswith("top1_ema"):
                 summary[key] = last.get(key)
     summary.update({k: v for k, v in last.items() if k.startswith(("top1_width", "gmacs_width"))})  # nested stage
-    summary["val_views"] = last.get("val_views")
+    summary["views_per_clip"] = last.get("views_per_clip")
     summary["flops_convention"] = FLOPS_CONVENTION
+    if last.get(job_data.FINAL_EVAL):  # the full view protocol, once over the final weights
+        summary[job_data.FINAL_EVAL] = last[job_data.FINAL_EVAL]
     print(f"[mone] done in {summary['wall_s']} s. run directory: {run_dir}\n"
           f"[mone] inference checkpoint: {inference_dir}\n[mone] plot: {plot}\n"
           f"[mone] metrics: {run_files.join(run_dir, 'metrics.jsonl')}")
@@ -196,7 +200,8 @@ def build_trainer(cfg: TrainConfig, data, datasets: dict[str, Any], train_error_
         "num_train": data.num_train,
         "num_val": data.num_val,
         "run_dir": run_dir,
-        "eval_clip": data.eval_clip,
+        "eval_clip": data.final_clip or data.eval_clip,  # what `mone evaluate` decodes by default
+        "final_views": cfg.data.final_views if data.final_clip else None,
         "train_error_log": train_error_log,
     }
     return TorchTrainer(
@@ -254,7 +259,7 @@ def _budget_table(metrics: dict[str, Any], budgets: list[float]) -> str:
         ema = metrics.get(f"top1_ema_ec{b}")
         rows.append(f"  {b:<5}  {g:>12.4g}  {100 * t1:6.1f}%  {100 * t5:6.1f}%  {cps:8.1f}"
                     + ("" if ema is None else f"   EMA top-1 {100 * ema:.1f}%"))
-    rows.append(f"  * the paper's convention (a multiply-add = 1 FLOP), per view; {metrics.get('val_views', 1)} "
+    rows.append(f"  * the paper's convention (a multiply-add = 1 FLOP), per view; {metrics.get('views_per_clip', 1)} "
                 "view(s) per clip")
     return "\n".join(rows)
 
@@ -279,7 +284,8 @@ def _plot_accuracy_vs_gflops(history: list[dict[str, Any]], path: str, cfg: Trai
         if last:
             for b, x, y in zip(budgets, xs, ys, strict=True):
                 ax.annotate(f"e_c={b}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
-    ax.set_xlabel(f"GFLOPs per view (multiply-add = 1, as in the paper; {shown[-1].get('val_views', 1)} view(s)/clip)")
+    views = shown[-1].get("views_per_clip", 1)
+    ax.set_xlabel(f"GFLOPs per view (multiply-add = 1, as in the paper; {views} view(s)/clip)")
     ax.set_ylabel("top-1 accuracy (%)")
     kind = "dense-trained" if cfg.mone.dense else "MoNE"
     ax.set_title(f"{cfg.model.variant} ({kind}): accuracy vs compute")
@@ -349,6 +355,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from jobs import data as job_data
     from jobs import optim as recipe
     from jobs.checkpoint import find_inference_dir, save_inference
+    from jobs.progress import RunPace, format_duration
     from models.capacity import capacities_for_budget, width_fractions
     from models.flops import model_flops
     from models.training import ema_model, nested_loss, width_capacities, width_names
@@ -379,10 +386,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import deepspeed
 
     _disable_deepspeed_shm_comm()
-    steps_per_epoch = max(1, loop["num_train"] // (cfg.optim.batch_size * world))  # micro-batches per worker
+    train_clips = job_data.train_clips(cfg, loop["num_train"])  # clips per epoch (data.clips_per_video each)
+    steps_per_epoch = max(1, train_clips // (cfg.optim.batch_size * world))  # micro-batches per worker
     optimizer = recipe.build_optimizer(model, cfg)  # groups: no_weight_decay(), layer-wise lr, lr x batch scale
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # DeepSpeed steps it once per optimizer step
-        optimizer, recipe.lr_lambda(cfg, recipe.steps_per_epoch(cfg, loop["num_train"])))
+        optimizer, recipe.lr_lambda(cfg, recipe.steps_per_epoch(cfg, train_clips)))
     engine, _, _, _ = deepspeed.initialize(
         model=net, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_gpu),
         dist_init_required=False,
@@ -406,6 +414,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    final_shard = ray.train.get_dataset_shard(job_data.FINAL_EVAL) if loop.get("final_views") else None
+    pace = RunPace(cfg.optim.epochs, start_epoch)  # data-wait and ETAs
 
     def budget_arg(e_c: float):
         return None if e_c >= 1.0 else capacities_for_budget(e_c, delta=cfg.mone.delta, beta=cfg.mone.beta)
@@ -418,7 +428,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         engine.train()
         t_epoch, n_clips, loss_sum, n_steps = time.time(), 0, 0.0, 0
         seen: list[str] = []
-        for batch in job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True):
+        ep = pace.epoch(epoch, steps_per_epoch)
+        for batch in ep.wrap(job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True)):
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
             # Same e_c (or width) on every worker for a step (seeded by the step): no rank waits on a slower one.
@@ -449,8 +460,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 rate = n_clips * world / (time.time() - t_epoch)
                 print(f"[mone] epoch {epoch + 1}/{cfg.optim.epochs} step {n_steps}/~{steps_per_epoch} "
                       f"[{stage}] loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
-                      f"{rate:.1f} clips/s", flush=True)
+                      f"{rate:.1f} clips/s {ep.status()}", flush=True)
+                ep.warn_if_input_bound(lambda msg: print(msg, flush=True))
         train_time = time.time() - t_epoch
+        if rank == 0:
+            ep.warn_if_input_bound(lambda msg: print(msg, flush=True), force=True)
         if cfg.run.record_shards:
             run_files.write_text(run_files.join(loop["run_dir"], "shards", f"epoch{epoch}_rank{rank}.txt"),
                                  "".join(p + "\n" for p in seen))
@@ -460,26 +474,32 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(1, n_steps),
             "train_clips_per_s": n_clips * world / max(train_time, 1e-9),
             "lr": scheduler.get_last_lr()[0],
+            **ep.summary(),
         }
         extra = []  # nested stage: each width's sub-model; EMA on: its weights at every budget
         if recipe.stage_of(cfg, epoch) == "nested":
             extra += [(f"width{n}", model, c) for n, c in zip(width_names(n_widths), width_capacities(n_widths),
                                                                strict=True)]
-        if ema is not None:
-            extra += [(f"ema_ec{b}", ema.module, budget_arg(b)) for b in cfg.mone.val_budgets]
-        metrics.update(_validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops, extra))
+        ema_entries = [] if ema is None else [(f"ema_ec{b}", ema.module, budget_arg(b)) for b in cfg.mone.val_budgets]
+        metrics.update(_validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops,
+                                 extra + ema_entries))
+        last_epoch = epoch == cfg.optim.epochs - 1
+        if last_epoch and final_shard is not None:  # the full view protocol, once, over the final weights (+ EMA)
+            metrics[job_data.FINAL_EVAL] = {"views": loop["final_views"], "weights": f"final (epoch {epoch + 1})",
+                                            **_validate(model, final_shard, cfg, device, amp_dtype, budget_arg,
+                                                        model_flops, ema_entries)}
         history.append(metrics)
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
                                  "".join(json.dumps(m) + "\n" for m in history))
-            print("[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, ".format(
-                epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"])
+            print("[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, data-wait {:.0f}%, ".format(
+                epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"],
+                100 * metrics["data_wait_fraction"])
                 + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets)
                 + "".join(f", width {k[9:]}xD {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_width"))
                 + "".join(f", EMA@{k[12:]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_ema_ec")),
                 flush=True)
 
-        last_epoch = epoch == cfg.optim.epochs - 1
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(os.path.join(tmp, DS_SUBDIR), tag=DS_TAG)  # every rank: its own shards
@@ -502,6 +522,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        pace.end_epoch()
+        if rank == 0 and not last_epoch:
+            print(f"[mone] ETA run {format_duration(pace.eta_s())}", flush=True)
 
 
 def _full_state_dict(engine) -> dict[str, Any]:
@@ -519,7 +542,7 @@ def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg,
     more (key, model, capacities) entries on the same decode (nested widths, the EMA weights).
 
     FLOPs: `gmacs_<key>` per view in the paper's convention (a multiply-add is one FLOP: what the paper and ViViT
-    call GFLOPs), `val_views` views per clip; `gflops_<key>` per clip over all views with a multiply-add as two."""
+    call GFLOPs), `views_per_clip` views; `gflops_<key>` per clip over all views with a multiply-add as two."""
     import torch
     import torch.distributed as dist
 
@@ -555,7 +578,7 @@ def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg,
         world = dist.get_world_size()
     else:
         world = 1
-    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item()), "val_views": views}
+    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item()), "views_per_clip": views}
     for i, (key, m, caps) in enumerate(entries):
         n = max(1.0, counts[i, 2].item())
         out[f"top1_{key}"] = counts[i, 0].item() / n

@@ -96,7 +96,7 @@ def _train_cmd(storage: Path, cache: Path, epochs: int) -> list[str]:
         "data.synth.corrupt=1", "data.synth.frames=8", "data.synth.width=64", "data.synth.height=64",
         "scaling.num_workers=2", "scaling.zero_stage=2", "mone.val_budgets=[0.3,1.0]",
         f"data.cache_dir={cache}", f"run.storage_path={storage}", "run.name=resume", "run.record_shards=true",
-        "run.max_failures=0", "mone.nested_epochs=1", "optim.ema_decay=0.9",
+        "run.max_failures=0", "data.final_views=1x3", "mone.nested_epochs=1", "optim.ema_decay=0.9",
     ]
 
 
@@ -151,11 +151,22 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     assert summary["epochs"] == 3 and summary["global_step"] == 3 * per_epoch
     assert summary["num_classes"] == 4 and 0.0 <= summary["top1_ec0.3"] <= 1.0
     assert summary["bad_videos"] >= 1  # the corrupt file was skipped and recorded
+    # Data-wait and ETAs in the step logs and metrics; per-epoch validation 1 view, the full protocol once at the end.
+    logs = out.stdout + out.stderr
+    assert "data-wait" in logs and "ETA epoch" in logs and ", run " in logs
+    assert all(0.0 <= m["data_wait_fraction"] <= 1.0 for m in history)
+    assert summary["val_views"] == "1x1" and 0.0 <= summary["data_wait_fraction"] <= 1.0
+    final = summary["val_final"]
+    assert final["views"] == "1x3" and final["weights"] == "final (epoch 3)" and 0.0 <= final["top1_ec0.3"] <= 1.0
+    assert final["gflops_ec0.3"] == pytest.approx(3 * summary["gflops_ec0.3"])  # 3 views per clip
+    assert [m["epoch"] for m in history if "val_final" in m] == [2]
     assert (run_dir / "errors.parquet").exists() and (run_dir / "accuracy_vs_gflops.png").exists()
     # The nested stage (epoch 0) validated every width; GFLOPs per view in the paper's convention, named.
     assert {"top1_width0.125", "top1_width0.25", "top1_width0.5", "top1_width1.0"} <= set(history[0])
     assert "top1_width0.125" not in history[1]
-    assert summary["gmacs_ec0.3"] == pytest.approx(history[-1]["gflops_ec0.3"] / 2 / summary["val_views"])
+    assert summary["gmacs_ec0.3"] == pytest.approx(history[-1]["gflops_ec0.3"] / 2 / summary["views_per_clip"])
+    assert final["gmacs_ec0.3"] == pytest.approx(summary["gmacs_ec0.3"]) and final["views_per_clip"] == 3
+    assert "top1_ema_ec0.3" in final  # the full protocol also scores the EMA weights (the inference model)
     assert "multiply-add = 1" in summary["flops_convention"] and "top1_ema_ec0.3" in summary
 
     # The consolidated inference checkpoint loads without DeepSpeed and serves any budget.
