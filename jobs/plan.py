@@ -67,7 +67,8 @@ def describe(cfg: TrainConfig) -> dict[str, Any]:
     model = create_model(cfg.model.variant, num_classes=2, **cfg.model.overrides)
     lr, floor = recipe.scaled_lr(cfg)
     n_train, source = train_clips(cfg)
-    steps = recipe.steps_per_epoch(cfg, n_train) if n_train else None
+    clips_per_video = getattr(cfg.data, "clips_per_video", 1)  # repeated sampling: clips drawn per decoded video
+    steps = recipe.steps_per_epoch(cfg, n_train * clips_per_video) if n_train else None
     budgets = [1.0] if m.dense else m.train_budgets
     stages = [{"stage": s.name, "epochs": [s.first_epoch + 1, s.last_epoch],
                "trains": STAGE_TEXT[s.name].format(mode=f"mone.nested_mode={m.nested_mode}", budgets=budgets)}
@@ -97,10 +98,10 @@ def describe(cfg: TrainConfig) -> dict[str, Any]:
             "ema_decay": o.ema_decay or "off",
         },
         "epochs": o.epochs,
-        "train_clips": n_train, "train_clips_source": source,
+        "train_clips": n_train, "train_clips_source": source, "clips_per_video": clips_per_video,
         "steps_per_epoch": steps, "total_steps": steps * o.epochs if steps else None,
         "validation": {"budgets": list(m.val_budgets), "views_per_clip": t_views * s_views,
-                       "views": cfg.data.val_views,
+                       "views": cfg.data.val_views, "final_views": getattr(cfg.data, "final_views", "") or "none",
                        "gflops_per_view": flops,
                        "flops_convention": "GFLOPs per view as the paper counts them (a multiply-add = 1 FLOP)"},
         "scaling": {"workers": cfg.scaling.num_workers, "gpu": cfg.scaling.use_gpu,
@@ -125,8 +126,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"lr          {o['lr_given']:g} per {o['lr_reference_batch'] or o['global_batch']} clips -> {o['lr']:.4g} at "
         f"this global batch (floor {o['min_lr']:.3g}); {o['schedule']} over {o['warmup_epochs']} epochs",
         f"steps       {plan['steps_per_epoch']} optimizer steps per epoch x {plan['epochs']} epochs = "
-        f"{plan['total_steps']} ({plan['train_clips']} train clips: {plan['train_clips_source']})",
-        f"validation  {v['views']} views per clip; GFLOPs per view (paper convention, multiply-add = 1):",
+        f"{plan['total_steps']} ({plan['train_clips']} train videos x {plan['clips_per_video']} clip(s): "
+        f"{plan['train_clips_source']})",
+        f"validation  every epoch {v['views']} view(s) per clip; after the last epoch {v['final_views']}; "
+        "GFLOPs per view (paper convention, multiply-add = 1):",
     ]
     lines += [f"  e_c {k[2:]:<5} {g:10.4g}" for k, g in v["gflops_per_view"].items()]
     return "\n".join(lines)

@@ -35,7 +35,8 @@ def test_dry_run_prints_yaml_and_the_plan_and_starts_no_ray(name, tmp_path):
     opt = plan["optimisation"]
     assert opt["optimizer"].startswith("sgd") and opt["global_batch"] == 64
     assert opt["lr"] == pytest.approx(resolved["optim"]["lr"] * 64 / 256)  # scaled from per-256 clips
-    assert plan["steps_per_epoch"] == plan["train_clips"] // 64
+    assert plan["steps_per_epoch"] == plan["train_clips"] * plan["clips_per_video"] // 64
+    assert plan["validation"]["final_views"] == "4x3"  # the paper's protocol once at the end
     assert set(plan["validation"]["gflops_per_view"]) == {f"ec{b}" for b in resolved["mone"]["val_budgets"]}
     assert "GFLOPs per view (paper convention, multiply-add = 1)" in text
     assert not (tmp_path / "ray").exists()  # no Ray session was started
