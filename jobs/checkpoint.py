@@ -49,8 +49,10 @@ def save_inference(
     clip: dict[str, Any],
     overrides: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    extra_weights: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Atomically writes `out_dir` (replacing an older one) and returns it."""
+    """Atomically writes `out_dir` (replacing an older one) and returns it. `extra_weights`: more state dicts
+    saved beside model.pt under their file names (e.g. the raw weights when model.pt is their EMA)."""
     import torch
 
     if len(labels) != num_classes:
@@ -64,9 +66,10 @@ def save_inference(
         "clip": dict(clip),
         **(extra or {}),
     }
-    cpu_state = {k: v.detach().to("cpu", dtype=torch.float32 if v.is_floating_point() else v.dtype)
-                 for k, v in state_dict.items()}
-    torch.save(cpu_state, tmp / WEIGHTS_FILE)
+    for name, sd in {WEIGHTS_FILE: state_dict, **(extra_weights or {})}.items():
+        cpu_state = {k: v.detach().to("cpu", dtype=torch.float32 if v.is_floating_point() else v.dtype)
+                     for k, v in sd.items()}
+        torch.save(cpu_state, tmp / name)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     if out.exists():
         old = out.with_name(f".{out.name}.old")

@@ -86,6 +86,14 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (SGD with momentum, as ViViT)
+    momentum: float = 0.9  # sgd only
+    # optim.lr and optim.min_lr are the rates for a global batch of this many clips; the job scales them linearly
+    # to the real global batch (batch_size x num_workers x grad_accum). 0: take optim.lr as it is.
+    lr_reference_batch: int = 256
+    layer_decay: float = 1.0  # layer-wise lr decay: lr x layer_decay^(layers above); 1 = off
+    ema_decay: float = 0.0  # EMA of the weights (e.g. 0.9999); 0 = off. When on, the inference checkpoint has it
+    grad_accum: int = 1  # DeepSpeed gradient_accumulation_steps: micro-batches per optimizer step
 
 
 @dataclass
@@ -94,6 +102,10 @@ class MoNEConfig:
     # From scratch (no dense/nested checkpoint to start from, unlike the paper), train dense for these first
     # epochs so the features exist before the router starts cutting compute.
     dense_epochs: int = 0
+    # Nested stage (MatViT/MatFormer), before the dense and MoNE stages: the widths D/8, D/4, D/2, D trained as
+    # standalone sub-models. nested_mode: sum (the four widths' losses every step) | draw (one width per step).
+    nested_epochs: int = 0
+    nested_mode: str = "draw"
     train_budgets: list[float] = field(default_factory=lambda: list(PAPER_TRAIN_BUDGETS))
     isoflops: bool = False  # sample budgets so expected FLOPs per step match e_c = isoflops_target
     isoflops_target: float = 0.5
@@ -287,6 +299,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     _choice(d.train_crop, ("random_resized", "random", "center"), "data.train_crop")
     if check_paths and d.root and "://" not in d.root and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data.root: dataset path '{d.root}' does not exist (leave it empty to use generated data)")
+    init = cfg.model.init_from
+    if check_paths and init and "://" not in init and not Path(init).expanduser().exists():
+        raise ConfigError(f"model.init_from: '{init}' does not exist (give a ViT/ViViT/timm state dict, an inference "
+                          "checkpoint or the run directory of a finished run, e.g. the nested stage's)")
     if d.crop_size % d.patch:
         raise ConfigError(f"data.crop_size={d.crop_size} must be a multiple of data.patch={d.patch}")
     if d.num_frames % d.tubelet_t:
@@ -322,6 +338,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"optim.{name}={getattr(o, name)} must be >= 1")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
+    _validate_recipe(cfg)
     s = cfg.scaling
     if s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers={s.num_workers} must be >= 1")
@@ -360,6 +377,28 @@ def _check_clip_fits_model(cfg: TrainConfig) -> None:
                 f"model.overrides.{model_key}={have} (position embeddings are resampled when loading "
                 f"model.init_from) or data.{data_key}={want}"
             )
+
+
+def _validate_recipe(cfg: TrainConfig) -> None:
+    """Optimiser and training-stage settings (issue 10's recipe)."""
+    o, m = cfg.optim, cfg.mone
+    _choice(o.optimizer, ("adamw", "sgd"), "optim.optimizer")
+    _choice(m.nested_mode, ("sum", "draw"), "mone.nested_mode")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum={o.momentum} must be in [0, 1) (0.9 is usual)")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1 = off; 0.75 is usual)")
+    if not 0 <= o.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0 = off; 0.9999 is usual)")
+    if o.ema_decay and cfg.scaling.zero_stage == 3:
+        raise ConfigError("optim.ema_decay needs scaling.zero_stage <= 2: under ZeRO-3 no rank holds the whole "
+                          "weights to average; set scaling.zero_stage=2 or optim.ema_decay=0")
+    if o.grad_accum < 1:
+        raise ConfigError(f"optim.grad_accum={o.grad_accum} must be >= 1 (micro-batches per optimizer step)")
+    if o.lr_reference_batch < 0:
+        raise ConfigError(f"optim.lr_reference_batch={o.lr_reference_batch} must be >= 0 (0: optim.lr as given)")
+    if m.nested_epochs < 0:
+        raise ConfigError(f"mone.nested_epochs={m.nested_epochs} must be >= 0")
 
 
 def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -25,9 +24,14 @@ from jobs import run_files
 from jobs.config import ConfigError, TrainConfig, config_from_dict, dump_config, load_config
 from jobs.preflight import check_resources, cluster_capacity  # noqa: F401 - check_resources: tune/tests import it here
 
+# The paper and ViViT count a multiply-add as one FLOP and give GFLOPs per view; torch's flop counter counts two.
+FLOPS_CONVENTION = ("gmacs_*: GFLOPs per view as the paper counts them (a multiply-add = 1); gflops_*: per clip "
+                    "over views_per_clip views with a multiply-add = 2 (torch.utils.flop_counter)")
 DS_SUBDIR = "deepspeed"  # inside a Ray checkpoint: DeepSpeed's own files (every rank's shards)
 DS_TAG = "state"
 STATE_FILE = "train_state.json"  # epoch, global step, metric history (rank 0)
+EMA_FILE = "ema.pt"  # the EMA of the weights (optim.ema_decay > 0), for resuming
+RAW_WEIGHTS_FILE = "model_raw.pt"  # in inference/ when EMA is on: model.pt holds the EMA, this the raw weights
 
 
 # =========================================================================== driver
@@ -52,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=3")
     p.add_argument("--dense", action="store_true", help="train the dense baseline (e_c = 1 every step)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and run the model once on the meta device on tokens of the configured "
-                        "clip shape (no memory, no Ray, no data read); data.root need not exist here")
+                   help="validate the config, print it resolved (YAML) and the plan (stages, global batch, scaled "
+                        "lr, steps per epoch, GFLOPs per view at each validation budget), and run the model once on "
+                        "the meta device on tokens of the configured clip shape; starts nothing (no Ray, no data read)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-resource-check", action="store_true",
                    help="skip the check that the cluster has (or, when it autoscales, can grow to) the CPUs/GPUs "
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"mone train: {e}")
         return 2
-    if args.dry_run:
+    if args.dry_run:  # no Ray, no data generation, no GPU
+        from jobs.plan import describe, format_plan
         from jobs.preflight import meta_forward
 
         try:
@@ -76,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as e:
             print(f"mone train: config {cfg.name}: the model cannot take its clips: {e}")
             return 2
+        plan = describe(cfg)
+        print(_yaml(cfg) + "\n" + format_plan(plan))
         print(f"[mone] config {cfg.name} OK: model {cfg.model.variant} ({shapes['params'] / 1e6:.1f} M parameters) "
               f"takes train tokens {shapes['train_tokens']} and eval tokens {shapes['eval_tokens']} per clip "
               "(views, tokens, values); nothing was started")
-        print(json.dumps({"config": cfg.name, "ok": True, **shapes}))
+        print(json.dumps({**plan, "ok": True, **shapes}))
         return 0
     summary = train(cfg, address=args.address, resource_check=not args.no_resource_check)
     print(json.dumps(summary))
@@ -156,8 +164,13 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "val_views": cfg.data.val_views,  # the per-epoch validation below (last epoch)
     }
     for b in cfg.mone.val_budgets:
-        for key in (f"top1_ec{b}", f"top5_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}"):
-            summary[key] = last.get(key)
+        for key in (f"top1_ec{b}", f"top5_ec{b}", f"gmacs_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}",
+                    f"top1_ema_ec{b}"):
+            if key in last or not key.startswith("top1_ema"):
+                summary[key] = last.get(key)
+    summary.update({k: v for k, v in last.items() if k.startswith(("top1_width", "gmacs_width"))})  # nested stage
+    summary["views_per_clip"] = last.get("views_per_clip")
+    summary["flops_convention"] = FLOPS_CONVENTION
     if last.get(job_data.FINAL_EVAL):  # the full view protocol, once over the final weights
         summary[job_data.FINAL_EVAL] = last[job_data.FINAL_EVAL]
     print(f"[mone] done in {summary['wall_s']} s. run directory: {run_dir}\n"
@@ -232,12 +245,16 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _budget_table(metrics: dict[str, Any], budgets: list[float]) -> str:
-    rows = ["  e_c    GFLOPs/clip   top-1    top-5   clips/s"]
+    rows = ["  e_c    GFLOPs/view*  top-1    top-5   clips/s"]
     for b in budgets:
-        g, t1, t5, cps = (metrics.get(f"{k}_ec{b}") for k in ("gflops", "top1", "top5", "clips_per_s"))
+        g, t1, t5, cps = (metrics.get(f"{k}_ec{b}") for k in ("gmacs", "top1", "top5", "clips_per_s"))
         if t1 is None:
             continue
-        rows.append(f"  {b:<5}  {g:>11.3f}  {100 * t1:6.1f}%  {100 * t5:6.1f}%  {cps:8.1f}")
+        ema = metrics.get(f"top1_ema_ec{b}")
+        rows.append(f"  {b:<5}  {g:>12.4g}  {100 * t1:6.1f}%  {100 * t5:6.1f}%  {cps:8.1f}"
+                    + ("" if ema is None else f"   EMA top-1 {100 * ema:.1f}%"))
+    rows.append(f"  * the paper's convention (a multiply-add = 1 FLOP), per view; {metrics.get('views_per_clip', 1)} "
+                "view(s) per clip")
     return "\n".join(rows)
 
 
@@ -251,7 +268,7 @@ def _plot_accuracy_vs_gflops(history: list[dict[str, Any]], path: str, cfg: Trai
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     shown = history[-3:]
     for i, m in enumerate(shown):
-        xs = [m.get(f"gflops_ec{b}") for b in budgets]
+        xs = [m.get(f"gmacs_ec{b}", m.get(f"gflops_ec{b}", 0) / 2) for b in budgets]
         ys = [100 * m[f"top1_ec{b}"] for b in budgets if m.get(f"top1_ec{b}") is not None]
         if len(ys) != len(budgets):
             continue
@@ -261,7 +278,8 @@ def _plot_accuracy_vs_gflops(history: list[dict[str, Any]], path: str, cfg: Trai
         if last:
             for b, x, y in zip(budgets, xs, ys, strict=True):
                 ax.annotate(f"e_c={b}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
-    ax.set_xlabel("GFLOPs per clip")
+    views = shown[-1].get("views_per_clip", 1)
+    ax.set_xlabel(f"GFLOPs per view (multiply-add = 1, as in the paper; {views} view(s)/clip)")
     ax.set_ylabel("top-1 accuracy (%)")
     kind = "dense-trained" if cfg.mone.dense else "MoNE"
     ax.set_title(f"{cfg.model.variant} ({kind}): accuracy vs compute")
@@ -316,9 +334,11 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
         zero.update(overlap_comm=True, contiguous_gradients=True)
     base = {
         "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
+        # DeepSpeed whitelists Adam-type optimizers for ZeRO; torch's SGD works under ZeRO-1/2 (tests/jobs/test_optim)
+        "zero_allow_untested_optimizer": cfg.optim.optimizer == "sgd",
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # our own progress lines instead
         "wall_clock_breakdown": False,
@@ -333,20 +353,6 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    warmup = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch))
-    total = max(warmup + 1, cfg.optim.epochs * steps_per_epoch)
-    floor = cfg.optim.min_lr / cfg.optim.lr
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / (total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import numpy as np
     import ray.train
@@ -354,10 +360,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from jobs import data as job_data
-    from jobs.checkpoint import save_inference
+    from jobs import optim as recipe
+    from jobs.checkpoint import find_inference_dir, save_inference
     from jobs.progress import RunPace, format_duration
-    from models.capacity import capacities_for_budget
+    from models.capacity import capacities_for_budget, width_fractions
     from models.flops import model_flops
+    from models.training import ema_model, nested_loss, width_capacities, width_names
     from models.vit import create_model
 
     cfg = config_from_dict(loop["config"])
@@ -378,24 +386,23 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if cfg.model.init_from:
         from models.weights import load_pretrained
 
-        load_pretrained(model, cfg.model.init_from)
+        init = cfg.model.init_from  # a run directory (the previous stage's run) means its inference checkpoint
+        load_pretrained(model, find_inference_dir(init) if Path(init).expanduser().is_dir() else init)
     model.to(device)
     net = TokensClassifier(model)
+    ema = ema_model(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # fp32, before DeepSpeed casts
+    ema_net = None if ema is None else TokensClassifier(ema.module)  # validated like the trained net
 
     if not use_gpu:  # also when the cluster was started without our environment (`ray start`, a job)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     _disable_deepspeed_shm_comm()
-    steps_per_epoch = max(1, job_data.train_clips(cfg, loop["num_train"]) // (cfg.optim.batch_size * world))
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=(0.9, 0.999),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    train_clips = job_data.train_clips(cfg, loop["num_train"])  # clips per epoch (data.clips_per_video each)
+    steps_per_epoch = max(1, train_clips // (cfg.optim.batch_size * world))  # micro-batches per worker
+    optimizer = recipe.build_optimizer(model, cfg)  # groups: no_weight_decay(), layer-wise lr, lr x batch scale
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # DeepSpeed steps it once per optimizer step
+        optimizer, recipe.lr_lambda(cfg, recipe.steps_per_epoch(cfg, train_clips)))
     engine, _, _, _ = deepspeed.initialize(
         model=net, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_gpu),
         dist_init_required=False,
@@ -412,6 +419,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, DS_SUBDIR), tag=DS_TAG)
             state = json.loads(Path(d, STATE_FILE).read_text())
+            if ema is not None:
+                ema.load_state_dict(torch.load(Path(d, EMA_FILE), map_location=device, weights_only=True))
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
@@ -426,6 +435,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     def budget_arg(e_c: float):
         return None if e_c >= 1.0 else capacities_for_budget(e_c, delta=cfg.mone.delta, beta=cfg.mone.beta)
 
+    n_widths = model.cfg.num_experts
+    width_fracs = width_fractions(n_widths)  # d_j / D: a width's sub-model is e_c = d_j / D
+
     for epoch in range(start_epoch, cfg.optim.epochs):
         loop["train_error_log"].set_epoch(epoch)  # decode workers seed sampling/crops with it
         engine.train()
@@ -436,13 +448,25 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         for batch in ep.wrap(job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True)):
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
-            # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
-            e_c = 1.0 if epoch < cfg.mone.dense_epochs else float(
-                np.random.default_rng([cfg.run.seed, global_step]).choice(budgets, p=probs))
-            logits = engine(tokens, budget=budget_arg(e_c))  # (B, classes)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.optim.label_smoothing)
+            # Same e_c (or width) on every worker for a step (seeded by the step): no rank waits on a slower one.
+            step_rng = np.random.default_rng([cfg.run.seed, global_step])
+            stage = recipe.stage_of(cfg, epoch)
+
+            def criterion(logits, target=target):  # (B, classes) -> scalar
+                return F.cross_entropy(logits.float(), target, label_smoothing=cfg.optim.label_smoothing)
+
+            if stage == "nested":  # every width a standalone sub-model: all four summed, or one drawn
+                widths = range(n_widths) if cfg.mone.nested_mode == "sum" else [int(step_rng.integers(n_widths))]
+                loss = nested_loss(lambda t, c: engine(t, budget=c), tokens, criterion, widths)
+                e_c = sum(width_fracs[j] for j in widths) / len(widths)
+            else:
+                e_c = 1.0 if stage == "dense" else float(step_rng.choice(budgets, p=probs))
+                loss = criterion(engine(tokens, budget=budget_arg(e_c)))  # logits (B, classes)
+            boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
             engine.backward(loss)
             engine.step()
+            if ema is not None and boundary:
+                ema.update_parameters(model)
             global_step += 1
             n_steps += 1
             n_clips += tokens.shape[0]
@@ -450,7 +474,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if rank == 0 and (n_steps % cfg.run.log_every == 0 or n_steps == 1):
                 rate = n_clips * world / (time.time() - t_epoch)
                 print(f"[mone] epoch {epoch + 1}/{cfg.optim.epochs} step {n_steps}/~{steps_per_epoch} "
-                      f"loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
+                      f"[{stage}] loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"{rate:.1f} clips/s {ep.status()}", flush=True)
                 ep.warn_if_input_bound(lambda msg: print(msg, flush=True))
         train_time = time.time() - t_epoch
@@ -467,11 +491,17 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             **ep.summary(),
         }
-        metrics.update(_validate(net, val_shard, cfg, device, budget_arg, model_flops))
+        extra = []  # nested stage: each width's sub-model; EMA on: its weights at every budget
+        if recipe.stage_of(cfg, epoch) == "nested":
+            extra += [(f"width{n}", net, c) for n, c in zip(width_names(n_widths), width_capacities(n_widths),
+                                                             strict=True)]
+        ema_entries = [] if ema is None else [(f"ema_ec{b}", ema_net, budget_arg(b)) for b in cfg.mone.val_budgets]
+        metrics.update(_validate(net, val_shard, cfg, device, budget_arg, model_flops, extra + ema_entries))
         last_epoch = epoch == cfg.optim.epochs - 1
-        if last_epoch and final_shard is not None:  # the full view protocol, once, over the final weights
+        if last_epoch and final_shard is not None:  # the full view protocol, once, over the final weights (+ EMA)
             metrics[job_data.FINAL_EVAL] = {"views": loop["final_views"], "weights": f"final (epoch {epoch + 1})",
-                                            **_validate(net, final_shard, cfg, device, budget_arg, model_flops)}
+                                            **_validate(net, final_shard, cfg, device, budget_arg, model_flops,
+                                                        ema_entries)}
         history.append(metrics)
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
@@ -479,7 +509,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             print("[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, data-wait {:.0f}%, ".format(
                 epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"],
                 100 * metrics["data_wait_fraction"])
-                + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets),
+                + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets)
+                + "".join(f", width {k[9:]}xD {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_width"))
+                + "".join(f", EMA@{k[12:]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_ema_ec")),
                 flush=True)
 
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch:
@@ -489,13 +521,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 if rank == 0:
                     Path(tmp, STATE_FILE).write_text(json.dumps(
                         {"epoch": epoch, "global_step": global_step, "history": history}))
+                    raw = weights
+                    if ema is not None:  # EMA on: it is the inference model; the raw weights go beside it
+                        torch.save(ema.state_dict(), Path(tmp, EMA_FILE))
                     save_inference(
-                        Path(tmp, "inference"), weights,
+                        Path(tmp, "inference"), weights if ema is None else ema.module.state_dict(),
                         variant=cfg.model.variant, num_classes=len(labels), labels=labels,
                         clip=loop["eval_clip"], overrides=cfg.model.overrides,
                         extra={"train_budgets": budgets, "val_budgets": list(cfg.mone.val_budgets),
                                "dense": cfg.mone.dense, "run": {"name": cfg.run_name, "epoch": epoch,
-                                                                 "global_step": global_step}},
+                                                                 "global_step": global_step},
+                               "weights": "raw" if ema is None else f"ema (decay {cfg.optim.ema_decay})"},
+                        extra_weights=None if ema is None else {RAW_WEIGHTS_FILE: raw},
                     )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
@@ -543,30 +580,35 @@ def _unpartitioned_masters(engine) -> dict[int, Any]:
             for p, m in zip(lg, hg, strict=True) if m.numel() == p.numel()}
 
 
-def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops) -> dict[str, Any]:
-    """Top-1/top-5, GFLOPs per clip and clips/s at each validation budget, on one decode of the val set.
+def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops,
+              extra: list[tuple[str, Any, Any]] | None = None) -> dict[str, Any]:
+    """Top-1/top-5, FLOPs and clips/s at each validation budget, on one decode of the val set. `extra`:
+    more (key, net, capacities) entries on the same decode (nested widths, the EMA weights).
 
     `net` is the module DeepSpeed wraps (engine.module): calling it runs DeepSpeed's hooks, which gather ZeRO-3's
-    partitioned parameters, and it computes in the parameters' dtype (bf16 under DeepSpeed's bf16 mode)."""
+    partitioned parameters, and it computes in the parameters' dtype (bf16 under DeepSpeed's bf16 mode).
+    FLOPs: `gmacs_<key>` per view in the paper's convention (a multiply-add is one FLOP: what the paper and ViViT
+    call GFLOPs), `views_per_clip` views; `gflops_<key>` per clip over all views with a multiply-add as two."""
     import torch
     import torch.distributed as dist
 
     from jobs import data as job_data
 
-    budgets = list(cfg.mone.val_budgets)
-    net.eval()
+    entries = [(f"ec{b}", net, budget_arg(b)) for b in cfg.mone.val_budgets] + list(extra or [])
+    for m in {id(m): m for _, m, _ in entries}.values():
+        m.eval()
     # Accumulated on the loop's device: no host sync per batch, and NCCL (no CPU backend) can reduce them.
-    counts = torch.zeros(len(budgets), 3, dtype=torch.float64, device=device)  # (budget, [top1, top5, n])
-    seconds = torch.zeros(len(budgets), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(entries), 3, dtype=torch.float64, device=device)  # (entry, [top1, top5, n])
+    seconds = torch.zeros(len(entries), dtype=torch.float64, device=device)
     views = 1
     with torch.no_grad():
         for batch in job_data.iter_batches(val_shard, cfg.optim.batch_size, device, train=False):
             tokens, target = batch["tokens"], batch["label"]  # (B, V, L, K), (B,)
             B, views = tokens.shape[:2]
             flat = tokens.flatten(0, 1)  # (B*V, L, K)
-            for i, b in enumerate(budgets):
+            for i, (_, m, caps) in enumerate(entries):
                 t = time.perf_counter()
-                logits = net(flat, budget=budget_arg(b))  # (B*V, classes)
+                logits = m(flat, budget=caps)  # (B*V, classes)
                 logits = logits.float().view(B, views, -1).mean(1)  # multi-view: average logits
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # clips/s needs the real end of the forward
@@ -583,13 +625,14 @@ def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops)
     else:
         world = 1
     counts, seconds = counts.cpu(), seconds.cpu()
-    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item())}
-    for i, b in enumerate(budgets):
+    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item()), "views_per_clip": views}
+    for i, (key, m, caps) in enumerate(entries):
         n = max(1.0, counts[i, 2].item())
-        caps = budget_arg(b)
-        out[f"top1_ec{b}"] = counts[i, 0].item() / n
-        out[f"top5_ec{b}"] = counts[i, 1].item() / n
-        out[f"gflops_ec{b}"] = views * model_flops(net.model.cfg, capacities=caps) / 1e9
+        out[f"top1_{key}"] = counts[i, 0].item() / n
+        out[f"top5_{key}"] = counts[i, 1].item() / n
+        flops = model_flops(m.model.cfg, capacities=caps)  # per view, a multiply-add = 2
+        out[f"gmacs_{key}"] = flops / 2e9
+        out[f"gflops_{key}"] = views * flops / 1e9
         # Workers ran in parallel: clips per second of the whole group = n / mean worker time.
-        out[f"clips_per_s_ec{b}"] = n / max(seconds[i].item() / world, 1e-9)
+        out[f"clips_per_s_{key}"] = n / max(seconds[i].item() / world, 1e-9)
     return out

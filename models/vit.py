@@ -170,6 +170,12 @@ class _MoNEEncoder(nn.Module):
         self._dpr_temporal = dpr[cfg.depth :]
 
     def _init_weights(self) -> None:
+        # The patch/tubelet embedding as a linear layer (MAE, VideoMAE), not the conv default: that one
+        # (std 1/sqrt(3K), 0.015 for K = 1536) is small next to AdamW's first updates (~lr per weight), and a
+        # from-scratch demo run sat at chance for ~80 steps while they scrambled its filters (docs/recipe.md).
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, K) view of the (D, C, [t,] p, p) kernel
+        nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)

@@ -43,9 +43,13 @@ def test_bad_config_is_named_with_its_fix(override, message):
 
 
 def test_every_shipped_config_loads():
-    for name in ("tiny_cpu", "k400_vivit_b16", "ssv2_vivit_b16"):
-        overrides = [] if name == "tiny_cpu" else ["data.root="]  # their dataset roots are cluster paths
-        cfg = load_config(name, overrides)
+    from jobs.config import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    stages = {"k400_vivit_b16_nested", "k400_vivit_b16", "ssv2_vivit_b16_nested", "ssv2_vivit_b16"}
+    assert {"tiny_cpu", *stages} <= set(names)
+    for name in names:  # dataset roots and init_from of the cluster configs are cluster paths
+        cfg = load_config(name, check_paths=name == "tiny_cpu")
         assert cfg.model.variant
 
 
@@ -92,7 +96,7 @@ def _train_cmd(storage: Path, cache: Path, epochs: int) -> list[str]:
         "data.synth.corrupt=1", "data.synth.frames=8", "data.synth.width=64", "data.synth.height=64",
         "scaling.num_workers=2", "scaling.zero_stage=2", "mone.val_budgets=[0.3,1.0]",
         f"data.cache_dir={cache}", f"run.storage_path={storage}", "run.name=resume", "run.record_shards=true",
-        "run.max_failures=0", "data.final_views=1x3",
+        "run.max_failures=0", "data.final_views=1x3", "mone.nested_epochs=1", "optim.ema_decay=0.9",
     ]
 
 
@@ -100,6 +104,15 @@ def _run_env() -> dict[str, str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)  # its own local Ray, stopped with the process group
     return env
+
+
+def _registered_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train has finished persisting (a `checkpoint_*` folder appears while it is still written)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(snapshot.get("checkpoint_results", []))
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -120,7 +133,7 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     deadline = time.time() + 420
     try:
         while time.time() < deadline and proc.poll() is None:
-            if list(run_dir.glob("checkpoint_*")) and _metrics(run_dir):
+            if _registered_checkpoints(run_dir) and _metrics(run_dir):  # what a re-run resumes from
                 break
             time.sleep(1)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -157,6 +170,13 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     assert final["gflops_ec0.3"] == pytest.approx(3 * summary["gflops_ec0.3"])  # 3 views per clip
     assert [m["epoch"] for m in history if "val_final" in m] == [2]
     assert (run_dir / "errors.parquet").exists() and (run_dir / "accuracy_vs_gflops.png").exists()
+    # The nested stage (epoch 0) validated every width; GFLOPs per view in the paper's convention, named.
+    assert {"top1_width0.125", "top1_width0.25", "top1_width0.5", "top1_width1.0"} <= set(history[0])
+    assert "top1_width0.125" not in history[1]
+    assert summary["gmacs_ec0.3"] == pytest.approx(history[-1]["gflops_ec0.3"] / 2 / summary["views_per_clip"])
+    assert final["gmacs_ec0.3"] == pytest.approx(summary["gmacs_ec0.3"]) and final["views_per_clip"] == 3
+    assert "top1_ema_ec0.3" in final  # the full protocol also scores the EMA weights (the inference model)
+    assert "multiply-add = 1" in summary["flops_convention"] and "top1_ema_ec0.3" in summary
 
     # The consolidated inference checkpoint loads without DeepSpeed and serves any budget.
     import torch
@@ -165,6 +185,13 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
 
     ck = load_inference(run_dir)
     assert ck.labels == json.loads((run_dir / "labels.json").read_text())
+    # EMA on: the inference checkpoint holds the EMA weights (as saved for resuming), the raw ones beside them.
+    assert ck.meta["weights"].startswith("ema")
+    ema = torch.load(Path(summary["ray_checkpoint"]) / "ema.pt", weights_only=True)
+    raw = torch.load(ck.path / "model_raw.pt", weights_only=True)
+    for k, v in ck.model.state_dict().items():
+        torch.testing.assert_close(v, ema[f"module.{k}"], msg=k)
+    assert any(not torch.equal(v, raw[k]) for k, v in ck.model.state_dict().items())
     L = ck.model.cfg.temporal_tokens * ck.model.cfg.num_patches
     tokens = torch.randint(0, 255, (2, L, ck.model.cfg.token_dim), dtype=torch.uint8)
     assert ck.model.forward_tokens(tokens, budget=0.3).shape == (2, 4)

@@ -3,7 +3,7 @@
 import torch
 
 from jobs.config import load_config
-from jobs.train import _validate
+from jobs.train import TokensClassifier, _validate
 from models.capacity import capacities_for_budget
 from models.flops import model_flops
 from models.vit import create_model
@@ -36,7 +36,7 @@ def test_one_decode_of_the_val_set_serves_every_budget():
     def budget_arg(e_c):
         return None if e_c >= 1.0 else capacities_for_budget(e_c)
 
-    out = _validate(model, shard, cfg, torch.device("cpu"), None, budget_arg, model_flops)
+    out = _validate(TokensClassifier(model), shard, cfg, torch.device("cpu"), budget_arg, model_flops)
     assert shard.reads == 1  # the validation videos were decoded once for all four budgets
     assert out["val_clips"] == 6
     for b in cfg.mone.val_budgets:

@@ -47,3 +47,19 @@ def test_json_several_budgets_and_img_size(capsys):
 def test_errors_exit_2_with_a_message(capsys, argv, message):
     code, _, err = _run(argv, capsys)
     assert code == 2 and message in err
+
+
+def test_paper_convention_counts_a_multiply_add_once_per_view(capsys):
+    """ViViT-FE-B/16 at 256 px, 32 frames: ~374 GFLOPs per view as the paper counts (Table 1: 376), 12 views."""
+    code, out, _ = _run(["vivit_b16", "--img-size", "256", "--budget", "0.3", "--views", "4x3", "--json"], capsys)
+    assert code == 0
+    t = json.loads(out)
+    two = model_flops("vivit_b16", img_size=256)
+    assert t["dense_gmacs"] == pytest.approx(two / 2e9, abs=1e-3) and 370 < t["dense_gmacs"] < 380
+    assert t["dense_gflops"] == pytest.approx(two / 1e9, abs=1e-3)  # the x2 convention, under its own name
+    assert t["views"] == 12 and t["dense_gmacs_per_clip"] == pytest.approx(12 * t["dense_gmacs"], abs=0.01)
+    assert "multiply-add = 1" in t["flops_convention"]
+    code, out, _ = _run(["vivit_b16", "--img-size", "256", "--budget", "0.3"], capsys)
+    assert "as the paper counts them (a multiply-add = 1 FLOP)" in out and f"{two / 2e9:.2f}" in out
+    code, _, err = _run(["vivit_b16", "--views", "4by3"], capsys)
+    assert code == 2 and "--views" in err

@@ -1,0 +1,54 @@
+"""`mone train --dry-run`: the resolved config as YAML and the plan, exit 0, nothing started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import load_config
+from jobs.plan import describe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["k400_vivit_b16", "ssv2_vivit_b16"])
+def test_dry_run_prints_yaml_and_the_plan_and_starts_no_ray(name, tmp_path):
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"), RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--config", name, "--dry-run"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    text = out.stdout
+    resolved = yaml.safe_load(text.split("\n# plan for ")[0])  # the YAML part parses as the config
+    assert resolved["name"] == name and resolved["model"]["init_from"].endswith(f"{name}_nested")
+    plan = json.loads(text.strip().splitlines()[-1])
+    assert plan["model"]["init_from"] == resolved["model"]["init_from"]
+    aug = plan["augmentation"]
+    for key in ("optim.label_smoothing", "model.drop_path"):
+        assert key in aug and key in text
+    opt = plan["optimisation"]
+    assert opt["optimizer"].startswith("sgd") and opt["global_batch"] == 64
+    assert opt["lr"] == pytest.approx(resolved["optim"]["lr"] * 64 / 256)  # scaled from per-256 clips
+    assert plan["steps_per_epoch"] == plan["train_clips"] * plan["clips_per_video"] // 64
+    assert plan["validation"]["final_views"] == "4x3"  # the paper's protocol once at the end
+    assert set(plan["validation"]["gflops_per_view"]) == {f"ec{b}" for b in resolved["mone"]["val_budgets"]}
+    assert "GFLOPs per view (paper convention, multiply-add = 1)" in text
+    assert not (tmp_path / "ray").exists()  # no Ray session was started
+
+
+def test_plan_of_the_demo_and_of_a_nested_stage():
+    demo = describe(load_config("tiny_cpu"))
+    assert demo["train_clips"] == 8 * 60 and demo["optimisation"]["global_batch"] == 32
+    assert demo["steps_per_epoch"] == 480 // 32
+    assert demo["validation"]["gflops_per_view"]["ec1.0"] > demo["validation"]["gflops_per_view"]["ec0.3"]
+    nested = describe(load_config("k400_vivit_b16_nested", check_paths=False))
+    assert [s["stage"] for s in nested["stages"]] == ["nested"]
+    chain = describe(load_config("tiny_cpu", ["mone.nested_epochs=2", "mone.dense_epochs=1", "optim.epochs=5"]))
+    assert [(s["stage"], s["epochs"]) for s in chain["stages"]] == [("nested", [1, 2]), ("dense", [3, 3]),
+                                                                     ("mone", [4, 5])]
