@@ -352,7 +352,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(round(cfg.scaling.cpus_per_worker * 2)) // 1))
 
     labels: list[str] = loop["labels"]
-    model = create_model(cfg.model.variant, num_classes=len(labels), **cfg.model.overrides)
+    model = create_model(cfg.model.variant, num_classes=len(labels), drop_path=cfg.model.drop_path,
+                         **cfg.model.overrides)
     if cfg.model.init_from:
         from models.weights import load_pretrained
 
