@@ -340,6 +340,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from jobs.checkpoint import save_inference
     from models.capacity import capacities_for_budget
     from models.flops import model_flops
+    from models.mix import MixConfig, mix_batch
     from models.vit import create_model
 
     cfg = config_from_dict(loop["config"])
@@ -392,6 +393,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
 
+    aug = cfg.data.augment  # mixup / cutmix on the token batch (models/mix.py); off by default
+    mix_cfg = MixConfig(aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob)
+    mix_grid = (model.cfg.temporal_tokens, model.cfg.grid, model.cfg.grid)  # (T', gh, gw)
     budgets = [1.0] if cfg.mone.dense else list(cfg.mone.train_budgets)
     probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
     train_shard = ray.train.get_dataset_shard("train")
@@ -408,6 +412,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         for batch in job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True):
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
+            if mix_cfg.active:  # -> mixed tokens (float after mixup) and soft targets (B, classes)
+                tokens, target, _ = mix_batch(tokens, target, len(labels), mix_cfg, mix_grid,
+                                              np.random.default_rng([cfg.run.seed, global_step, rank, 1]),
+                                              model.normalize_tokens)
             # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
             e_c = 1.0 if epoch < cfg.mone.dense_epochs else float(
                 np.random.default_rng([cfg.run.seed, global_step]).choice(budgets, p=probs))

@@ -198,19 +198,24 @@ class _MoNEEncoder(nn.Module):
 
         uint8 tokens are normalised here, (x/255 - mean_c) / std_c; float tokens are taken as normalised.
         """
+        w = self.patch_embed.token_weight()  # (D, K)
+        x = self.normalize_tokens(tokens).to(w.dtype)  # (B, L, K)
+        # FLOPs: 2 * L * K * D
+        return F.linear(x, w, self.patch_embed.proj.bias)  # (B, L, D)
+
+    def normalize_tokens(self, tokens: Tensor) -> Tensor:
+        """uint8 tokens (B, L, K) -> normalised float (x/255 - mean_c) / std_c; float tokens are returned as they are
+        (taken as normalised already, e.g. mixed by models.mix)."""
         cfg = self.cfg
         if tokens.shape[-1] != cfg.token_dim:
             raise ValueError(f"tokens have K={tokens.shape[-1]}, {cfg.name} expects K={cfg.token_dim}")
-        w = self.patch_embed.token_weight()  # (D, K)
-        if tokens.dtype == torch.uint8:
-            reps = cfg.token_dim // cfg.in_chans
-            scale = (1.0 / (255.0 * self.pixel_std)).repeat(reps)  # (K,) channel c = k % C
-            shift = (self.pixel_mean / self.pixel_std).repeat(reps)  # (K,)
-            x = torch.addcmul(-shift, tokens.to(w.dtype), scale)  # (B, L, K)
-        else:
-            x = tokens.to(w.dtype)  # (B, L, K)
-        # FLOPs: 2 * L * K * D
-        return F.linear(x, w, self.patch_embed.proj.bias)  # (B, L, D)
+        if tokens.dtype != torch.uint8:
+            return tokens
+        dtype = self.patch_embed.proj.weight.dtype
+        reps = cfg.token_dim // cfg.in_chans
+        scale = (1.0 / (255.0 * self.pixel_std)).repeat(reps).to(dtype)  # (K,) channel c = k % C
+        shift = (self.pixel_mean / self.pixel_std).repeat(reps).to(dtype)  # (K,)
+        return torch.addcmul(-shift, tokens.to(dtype), scale)  # (B, L, K)
 
     def embed_pixels(self, pixels: Tensor) -> Tensor:
         """pixels (B, C, [T,] H, W) normalised -> (B, L, D), tubelets in (t', gy, gx) order."""
