@@ -2,7 +2,7 @@
 
 Both share one spatial encoder: patch/tubelet embedding, position embedding, one router before the first
 block (EPR per frame), the tokens permuted once into expert-grouped, sequence-first order (S, G, D), nested
-blocks, and a per-frame pool (CLS or GAP) that never needs the original order back. ViViT then runs a
+blocks, and a per-frame pool (CLS, GAP or max) that never needs the original order back. ViViT then runs a
 full-width temporal encoder over the T' pooled frame vectors. Every forward takes the budget, so one
 trained model serves any e_c. At e_c = 1 (budget=None) the ViT is numerically timm's VisionTransformer.
 """
@@ -35,15 +35,17 @@ class ModelConfig:
     tubelet_t: int = 1  # frames per tubelet t (1 for images)
     mlp_ratio: float = 4.0
     num_experts: int = 4
-    pool: str = "cls"  # "cls" (class token) or "gap" (mean over tokens); per frame, then over time
+    # Per-frame pooling: "cls" (class token), "gap" (mean over tokens) or "max" (max over tokens, per channel).
+    # The temporal encoder then pools with its own class token ("cls") or the mean over frames ("gap", "max").
+    pool: str = "cls"
     drop_path: float = 0.0
     in_chans: int = 3
     pixel_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     pixel_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        if self.pool not in ("cls", "gap"):
-            raise ValueError(f"pool={self.pool!r} must be 'cls' or 'gap'")
+        if self.pool not in ("cls", "gap", "max"):
+            raise ValueError(f"pool={self.pool!r} must be 'cls', 'gap' or 'max'")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         if self.num_frames % self.tubelet_t:
@@ -98,7 +100,10 @@ VARIANTS: dict[str, ModelConfig] = {
         _vit("vit_b16", 768, 12, 12),
         _vit("vit_l16", 1024, 24, 16),
         # ViViT-FE (Arnab et al. 2021): ViT spatial encoder + 4 temporal layers, tubelet 2x16x16, 32 frames.
-        _vivit("vivit_tiny", 128, 4, 4, temporal_depth=2, img_size=64, num_frames=8),  # trains on 2 CPU cores
+        # Trains on 2 CPU cores. 8-px tubelets (an 8x8 grid per 64-px frame) at width 64 cost the FLOPs of 16-px
+        # tubelets at width 128, but resolve small objects and their motion; max pooling per frame keeps one
+        # token's evidence from being averaged away (benchmarks/learnability.py: learnable vs. chance).
+        _vivit("vivit_tiny", 64, 4, 4, temporal_depth=2, img_size=64, num_frames=8, patch_size=8, pool="max"),
         _vivit("vivit_ti16", 192, 12, 3),
         _vivit("vivit_s16", 384, 12, 6),
         _vivit("vivit_b16", 768, 12, 12),
@@ -251,7 +256,8 @@ class _MoNEEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, rows, inplace=True)  # (S, G, D); x is ours (made by the gather)
 
-        pooled = x[N] if P else x.mean(0)  # (G, D): the CLS row, or GAP (order does not matter)
+        # (G, D): the CLS row, or the mean / max over the frame's tokens (order does not matter)
+        pooled = x[N] if P else x.amax(0) if cfg.pool == "max" else x.mean(0)
         return pooled, routing
 
     def _expert_rows(self, routing: Routing, G: int, S: int, B: int, like: Tensor) -> ExpertRows:
