@@ -292,7 +292,6 @@ def validate(cfg: TrainConfig) -> None:
             + (f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(VARIANTS))}")
         )
     d = cfg.data
-    _check_tubelet_matches_model(cfg)
     _choice(d.layout, ("ssv2", "k400", "auto"), "data.layout")
     _choice(d.synth.scene, ("objects", "clutter"), "data.synth.scene")
     _choice(d.sampling, ("segment", "dense"), "data.sampling")
@@ -337,20 +336,6 @@ def validate(cfg: TrainConfig) -> None:
     if not s.use_gpu and s.precision == "bf16":
         # bf16 matmuls ran ~5x slower than fp32 on these CPUs (no bf16 units).
         raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true; on CPU use fp32 (or auto)")
-
-
-def _check_tubelet_matches_model(cfg: TrainConfig) -> None:
-    """The decode workers cut tubelets of data.tubelet_t x data.patch; the model embeds its own tubelet shape."""
-    from models.vit import get_config
-
-    try:
-        m = get_config(cfg.model.variant, **cfg.model.overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.overrides: {e}") from None
-    if (cfg.data.patch, cfg.data.tubelet_t) != (m.patch_size, m.tubelet_t):
-        raise ConfigError(f"data.patch={cfg.data.patch}, data.tubelet_t={cfg.data.tubelet_t} do not match the model "
-                          f"{m.name} ({m.tubelet_t}x{m.patch_size}x{m.patch_size} tubelets): set data.patch="
-                          f"{m.patch_size} data.tubelet_t={m.tubelet_t}")
 
 
 def _validate_augment(cfg: TrainConfig) -> None:

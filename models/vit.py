@@ -209,18 +209,18 @@ class _MoNEEncoder(nn.Module):
         return F.linear(x, w, self.patch_embed.proj.bias)  # (B, L, D)
 
     def normalize_tokens(self, tokens: Tensor) -> Tensor:
-        """uint8 tokens (B, L, K) -> normalised float (x/255 - mean_c) / std_c; float tokens are returned as they are
-        (taken as normalised already, e.g. mixed by models.mix)."""
+        """uint8 tokens (B, L, K) -> normalised fp32 (x/255 - mean_c) / std_c; float tokens are returned as they are
+        (taken as normalised already, e.g. mixed by models.mix). embed_tokens casts to the weight's dtype."""
         cfg = self.cfg
         if tokens.shape[-1] != cfg.token_dim:
             raise ValueError(f"tokens have K={tokens.shape[-1]}, {cfg.name} expects K={cfg.token_dim}")
         if tokens.dtype != torch.uint8:
             return tokens
-        dtype = self.patch_embed.proj.weight.dtype
         reps = cfg.token_dim // cfg.in_chans
-        scale = (1.0 / (255.0 * self.pixel_std)).repeat(reps).to(dtype)  # (K,) channel c = k % C
-        shift = (self.pixel_mean / self.pixel_std).repeat(reps).to(dtype)  # (K,)
-        return torch.addcmul(-shift, tokens.to(dtype), scale)  # (B, L, K)
+        std, mean = self.pixel_std.float(), self.pixel_mean.float()  # fp32 even if a caller cast the buffers
+        scale = (1.0 / (255.0 * std)).repeat(reps)  # (K,) channel c = k % C
+        shift = (mean / std).repeat(reps)  # (K,)
+        return torch.addcmul(-shift, tokens.float(), scale)  # (B, L, K) fp32
 
     def embed_pixels(self, pixels: Tensor) -> Tensor:
         """pixels (B, C, [T,] H, W) normalised -> (B, L, D), tubelets in (t', gy, gx) order."""
