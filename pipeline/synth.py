@@ -217,16 +217,21 @@ def _clutter_canvas(rng: np.random.Generator, h: int, w: int, size: int) -> np.n
     """(h, w, 3) float32: a natural texture with textured, hard-edged shapes on it (edges and parts, like a real
     scene), some the size of the moving object, so neither texture nor shape alone gives the object away."""
     canvas = _natural_texture(rng, h, w)
-    yy, xx = np.mgrid[0:h, 0:w]
     for _ in range(int(rng.integers(6, 12))):
         r = rng.uniform(0.5, 2.5) * size / 2
+        a = r * rng.uniform(0.5, 2.0)  # half-width
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        y0, y1 = max(0, int(cy - r)), min(h, int(np.ceil(cy + r)) + 1)
+        x0, x1 = max(0, int(cx - a)), min(w, int(np.ceil(cx + a)) + 1)
+        if y1 - y0 < 2 or x1 - x0 < 2:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
         if rng.random() < 0.5:  # ellipse
-            a = r * rng.uniform(0.6, 1.6)
             m = ((yy - cy) / r) ** 2 + ((xx - cx) / a) ** 2 <= 1
         else:  # rectangle
-            m = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r * rng.uniform(0.5, 2.0))
-        canvas[m] = _natural_texture(rng, h, w)[m]
+            m = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= a)
+        patch = canvas[y0:y1, x0:x1]
+        patch[m] = _natural_texture(rng, y1 - y0, x1 - x0)[m]  # its own texture, only as large as the shape
     return canvas
 
 
