@@ -134,14 +134,17 @@ def decode_once(root: Path, cache: Path) -> tuple[np.ndarray, ...]:
 
 def train_ours(args, root: Path, storage: Path) -> dict:
     """The default recipe through the real `mone train` path (Ray Train + DeepSpeed); its summary dict."""
+    import shutil
+
     import ray
 
     from jobs.config import load_config
     from jobs.train import train
 
-    overrides = [f"data.root={root}", "data.layout=ssv2", f"run.storage_path={storage}",
-                 f"run.name={args.config}_seed{args.seed}", f"run.seed={args.seed}", "mone.val_budgets=[0.3,1.0]",
-                 *args.overrides]
+    name = f"{args.config}_seed{args.seed}"
+    shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run: the same name would resume the last one
+    overrides = [f"data.root={root}", "data.layout=ssv2", f"run.storage_path={storage}", f"run.name={name}",
+                 f"run.seed={args.seed}", "mone.val_budgets=[0.3,1.0]", *args.overrides]
     cfg = load_config(args.config, overrides)
     print(f"[learnability] ours: `mone train --config {args.config} {' '.join(overrides)}`", flush=True)
     try:
