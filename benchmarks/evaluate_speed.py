@@ -57,7 +57,8 @@ def build_checkpoint(cache: Path, variant: str, img: int, frames: int) -> Path:
         overrides = {"num_frames": frames, "img_size": img}
         model = create_model(variant, num_classes=8, **overrides)
         clip = {"num_frames": frames, "sampling": "segment", "stride": 1, "short_side": img, "crop_size": img,
-                "tubelet_t": 2, "patch": 16, "train": False, "flip": False, "temporal_views": 1, "spatial_views": 1}
+                "tubelet_t": model.cfg.tubelet_t, "patch": model.cfg.patch_size, "train": False, "flip": False,
+                "temporal_views": 1, "spatial_views": 1}
         from pipeline.synth import synth_classes
 
         labels = sorted(c.name for c in synth_classes(8))  # the K400 layout's label map: sorted class names

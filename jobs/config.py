@@ -39,6 +39,24 @@ class SynthConfig:
     height: int = 64
     corrupt: int = 2
     seed: int = 0
+    scene: str = "objects"  # objects (the demo) | clutter (one small object over a panning textured background)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; every piece is off at its default. Clip-level pieces run in the decode workers on
+    uint8 frames with one parameter draw per clip (every frame gets the same op, magnitude, box); mixup/cutmix run
+    in the train step on tokens. Label smoothing is `optim.label_smoothing`, stochastic depth `model.drop_path`."""
+
+    randaugment_layers: int = 0  # RandAugment ops applied per clip (0 = off); ViViT SSv2: 2
+    randaugment_magnitude: float = 9.0  # timm's scale: 10 = the strongest level of its op table, above 10 allowed
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1-s, 1+s] per clip (0 = off)
+    scale_jitter: list[float] = field(default_factory=lambda: [1.0, 1.0])  # [min, max] frame scale before the crop
+    random_erasing: float = 0.0  # probability of erasing one box (same box in every frame) with noise
+    mixup: float = 0.0  # mixup alpha (0 = off): float tokens mixed, lam ~ Beta(alpha, alpha)
+    cutmix: float = 0.0  # cutmix alpha (0 = off): whole tubelets swapped, the same box in every frame
+    mix_prob: float = 1.0  # probability that a batch is mixed at all (when mixup or cutmix is on)
+    switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup for a batch
 
 
 @dataclass
@@ -67,13 +85,15 @@ class DataConfig:
     # empty: none (the last per-epoch validation is the result).
     final_views: str = ""
     clips_per_video: int = 1  # repeated sampling (VideoMAE's num_sample): k training clips per decoded video
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class ModelConfig:
     variant: str = "vivit_tiny"
     init_from: str = ""  # a ViT/ViViT/timm state dict (.pt/.pth/.safetensors) or an inference checkpoint
-    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {pool: gap, drop_path: 0.1}
+    drop_path: float = 0.0  # stochastic depth: the last block's drop rate (linear from 0 over the blocks)
+    overrides: dict[str, Any] = field(default_factory=dict)  # any models.vit.ModelConfig field, e.g. {pool: gap}
 
 
 @dataclass
@@ -294,6 +314,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         )
     d = cfg.data
     _choice(d.layout, ("ssv2", "k400", "auto"), "data.layout")
+    _choice(d.synth.scene, ("objects", "clutter"), "data.synth.scene")
     _choice(d.sampling, ("segment", "dense"), "data.sampling")
     _choice(d.decoder, ("auto", "decord", "pyav"), "data.decoder")
     _choice(d.train_crop, ("random_resized", "random", "center"), "data.train_crop")
@@ -322,6 +343,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
                               "3)") from None
     if d.clips_per_video < 1:
         raise ConfigError(f"data.clips_per_video={d.clips_per_video} must be >= 1 (clips drawn per decoded video)")
+    _validate_augment(cfg)
     m = cfg.mone
     if not m.train_budgets:
         raise ConfigError("mone.train_budgets is empty: give at least one budget, e.g. [0.3]")
@@ -399,6 +421,34 @@ def _validate_recipe(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.lr_reference_batch={o.lr_reference_batch} must be >= 0 (0: optim.lr as given)")
     if m.nested_epochs < 0:
         raise ConfigError(f"mone.nested_epochs={m.nested_epochs} must be >= 0")
+
+
+def _validate_augment(cfg: TrainConfig) -> None:
+    a, where = cfg.data.augment, "data.augment"
+    if a.randaugment_layers < 0 or a.randaugment_magnitude < 0:
+        raise ConfigError(f"{where}.randaugment_layers/_magnitude must be >= 0 (layers 0 = off), got "
+                          f"{a.randaugment_layers}/{a.randaugment_magnitude}")
+    if not 0 <= a.color_jitter < 1:
+        raise ConfigError(f"{where}.color_jitter={a.color_jitter} must be in [0, 1) (0 = off; 0.4 is usual)")
+    lo_hi = a.scale_jitter
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(f"{where}.scale_jitter={lo_hi} must be [min, max] with 0 < min <= max, e.g. [0.9, 1.33] "
+                          "([1, 1] = off)")
+    if tuple(lo_hi) != (1.0, 1.0) and cfg.data.train_crop == "random_resized":
+        raise ConfigError(f"{where}.scale_jitter={lo_hi} and data.train_crop=random_resized both rescale the crop; "
+                          "with scale jitter set data.train_crop=random")
+    for name in ("random_erasing", "mix_prob", "switch_prob"):
+        if not 0 <= getattr(a, name) <= 1:
+            raise ConfigError(f"{where}.{name}={getattr(a, name)} is a probability: give a value in [0, 1]")
+    for name in ("mixup", "cutmix"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"{where}.{name}={getattr(a, name)} is a Beta alpha: give a value >= 0 (0 = off)")
+    if not 0 <= cfg.model.drop_path < 1:
+        raise ConfigError(f"model.drop_path={cfg.model.drop_path} must be in [0, 1) (0 = off)")
+    if "drop_path" in cfg.model.overrides:
+        raise ConfigError("model.overrides.drop_path: set model.drop_path instead (one place for stochastic depth)")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        raise ConfigError(f"optim.label_smoothing={cfg.optim.label_smoothing} must be in [0, 1)")
 
 
 def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

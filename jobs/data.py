@@ -110,7 +110,10 @@ def iter_batches(shard, batch_size: int, device, *, train: bool) -> Iterator[dic
 
 def synthetic_root(cfg: TrainConfig) -> Path:
     """Where the embedded dataset for this config lives: one folder per distinct set of synth settings."""
-    key = json.dumps({"layout": cfg.data.layout, **asdict(cfg.data.synth)}, sort_keys=True)
+    synth = asdict(cfg.data.synth)
+    if synth["scene"] == "objects":  # the original scene keeps the folder it had before scenes existed
+        del synth["scene"]
+    key = json.dumps({"layout": cfg.data.layout, **synth}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     layout = "ssv2" if cfg.data.layout == "auto" else cfg.data.layout
     return Path(cfg.data.cache_dir).expanduser() / f"synth-{layout}-{digest}"
@@ -135,7 +138,7 @@ def ensure_synthetic(cfg: TrainConfig) -> Path:
         generate(tmp, layout="ssv2" if cfg.data.layout == "auto" else cfg.data.layout, classes=s.classes,
                  videos_per_class=s.videos_per_class, val_videos_per_class=s.val_videos_per_class,
                  test_videos_per_class=0, corrupt=s.corrupt, width=s.width, height=s.height, frames=s.frames,
-                 seed=s.seed)
+                 seed=s.seed, scene=s.scene)
         if root.exists():  # another process won the race: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -154,7 +157,15 @@ def clip_spec_dict(cfg: TrainConfig, *, train: bool, views: str | None = None) -
         "num_frames": d.num_frames, "sampling": d.sampling, "stride": d.stride, "short_side": d.short_side,
         "crop_size": d.crop_size, "tubelet_t": d.tubelet_t, "patch": d.patch, "train": train,
         "flip": d.flip and train, "temporal_views": t_views, "spatial_views": s_views, "train_crop": d.train_crop,
+        **({"augment": clip_augment_dict(cfg)} if train else {}),
     }
+
+
+def clip_augment_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The decode-worker part of data.augment (pipeline.augment.ClipAugment); mixup/cutmix run in the train step."""
+    a = cfg.data.augment
+    return {"randaugment_layers": a.randaugment_layers, "randaugment_magnitude": a.randaugment_magnitude,
+            "color_jitter": a.color_jitter, "random_erasing": a.random_erasing, "scale_jitter": list(a.scale_jitter)}
 
 
 def prepare(cfg: TrainConfig) -> PreparedData:

@@ -365,6 +365,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from jobs.progress import RunPace, format_duration
     from models.capacity import capacities_for_budget, width_fractions
     from models.flops import model_flops
+    from models.mix import MixConfig, mix_batch
     from models.training import ema_model, nested_loss, width_capacities, width_names
     from models.vit import create_model
 
@@ -382,7 +383,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(round(cfg.scaling.cpus_per_worker * 2)) // 1))
 
     labels: list[str] = loop["labels"]
-    model = create_model(cfg.model.variant, num_classes=len(labels), **cfg.model.overrides)
+    model = create_model(cfg.model.variant, num_classes=len(labels), drop_path=cfg.model.drop_path,
+                         **cfg.model.overrides)
     if cfg.model.init_from:
         from models.weights import load_pretrained
 
@@ -425,6 +427,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
 
+    aug = cfg.data.augment  # mixup / cutmix on the token batch (models/mix.py); off by default
+    mix_cfg = MixConfig(aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob)
+    mix_grid = (model.cfg.temporal_tokens, model.cfg.grid, model.cfg.grid)  # (T', gh, gw)
     budgets = [1.0] if cfg.mone.dense else list(cfg.mone.train_budgets)
     probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
     train_shard = ray.train.get_dataset_shard("train")
@@ -448,6 +453,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         for batch in ep.wrap(job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True)):
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
+            if mix_cfg.active:  # -> mixed tokens (float after mixup) and soft targets (B, classes)
+                tokens, target, _ = mix_batch(tokens, target, len(labels), mix_cfg, mix_grid,
+                                              np.random.default_rng([cfg.run.seed, global_step, rank, 1]),
+                                              model.normalize_tokens)
             # Same e_c (or width) on every worker for a step (seeded by the step): no rank waits on a slower one.
             step_rng = np.random.default_rng([cfg.run.seed, global_step])
             stage = recipe.stage_of(cfg, epoch)

@@ -18,9 +18,11 @@ Short videos are never an error:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
+
+from pipeline.augment import ClipAugment
 
 SAMPLINGS = ("dense", "segment")
 TRAIN_CROPS = ("random_resized", "random", "center")
@@ -35,7 +37,8 @@ class ClipSpec:
     tubelet_t, patch: tubelet shape t x p x p; train: random sampling/augmentation (else deterministic views);
     flip: random horizontal flip in training (leave off for SSv2: left/right is in the labels);
     temporal_views x spatial_views: evaluation views (spatial 1 = centre crop, 3 = three crops along the long side);
-    train_crop: 'random_resized' (area 35-100 %, aspect 3/4-4/3, then resized to crop_size) | 'random' | 'center'.
+    train_crop: 'random_resized' (area 35-100 %, aspect 3/4-4/3, then resized to crop_size) | 'random' | 'center';
+    augment: training augmentation drawn once per clip (pipeline/augment.py; a dict is accepted), off by default.
     """
 
     num_frames: int = 16
@@ -50,8 +53,11 @@ class ClipSpec:
     temporal_views: int = 1
     spatial_views: int = 1
     train_crop: str = "random_resized"
+    augment: ClipAugment = field(default_factory=ClipAugment)
 
     def __post_init__(self):
+        if isinstance(self.augment, dict):  # from JSON/YAML (to_dict, inference.json, Ray task arguments)
+            object.__setattr__(self, "augment", ClipAugment.from_dict(self.augment))
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"ClipSpec.sampling={self.sampling!r}: expected one of {SAMPLINGS}")
         if self.train_crop not in TRAIN_CROPS:

@@ -9,6 +9,10 @@ model has to find the moving objects and see their displacement. They move sever
 tubelet already sees motion, and the objects are brighter than the background, so a tubelet's frame difference
 shows the direction with a consistent sign.
 
+`scene="clutter"` is a harder, more realistic task (benchmarks/learnability.py): one small object, textured like
+its surroundings, moves over a natural-looking background (1/f texture with textured shapes) that pans in a random
+direction, like a handheld camera; only the object's motion against the background tells the class.
+
 Videos are real files: H.264 in .mp4 (libx264) for K400, VP9 in .webm (libvpx-vp9) for SSv2, written with short
 GOPs (keyframe every `gop` frames) so random access stays cheap. `corrupt=N` adds N broken files (truncated,
 zero-byte, garbage bytes, in turn) that are still listed in the annotations, as in real archives.
@@ -187,6 +191,96 @@ def render_video(
     return video, info
 
 
+def _natural_texture(rng: np.random.Generator, h: int, w: int, slope: float | None = None) -> np.ndarray:
+    """(h, w, 3) float32 in [0, 1]: coloured 1/f^slope noise, the amplitude spectrum of natural images (slope ~1-1.5),
+    a luminance field plus weaker colour fields around a random mean colour."""
+    slope = rng.uniform(1.0, 1.6) if slope is None else slope
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    amp = 1.0 / np.maximum(np.hypot(fy, fx), 1.0 / max(h, w)) ** slope  # (h, w//2+1)
+    amp[0, 0] = 0.0
+
+    def field() -> np.ndarray:
+        spec = amp * np.exp(2j * np.pi * rng.random(amp.shape))
+        f = np.fft.irfft2(spec, s=(h, w))
+        return (f - f.mean()) / (f.std() + 1e-9)  # (h, w) zero mean, unit std
+
+    lum = field()
+    colour = np.stack([field() for _ in range(3)], -1)  # (h, w, 3)
+    mean = rng.uniform(0.25, 0.75, size=3)
+    contrast = rng.uniform(0.10, 0.18)
+    tex = mean + contrast * (lum[..., None] + 0.35 * colour)
+    return np.clip(tex, 0.0, 1.0).astype(np.float32)
+
+
+def _clutter_canvas(rng: np.random.Generator, h: int, w: int, size: int) -> np.ndarray:
+    """(h, w, 3) float32: a natural texture with textured, hard-edged shapes on it (edges and parts, like a real
+    scene), some the size of the moving object, so neither texture nor shape alone gives the object away."""
+    canvas = _natural_texture(rng, h, w)
+    for _ in range(int(rng.integers(6, 12))):
+        r = rng.uniform(0.5, 2.5) * size / 2
+        a = r * rng.uniform(0.5, 2.0)  # half-width
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        y0, y1 = max(0, int(cy - r)), min(h, int(np.ceil(cy + r)) + 1)
+        x0, x1 = max(0, int(cx - a)), min(w, int(np.ceil(cx + a)) + 1)
+        if y1 - y0 < 2 or x1 - x0 < 2:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        if rng.random() < 0.5:  # ellipse
+            m = ((yy - cy) / r) ** 2 + ((xx - cx) / a) ** 2 <= 1
+        else:  # rectangle
+            m = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= a)
+        patch = canvas[y0:y1, x0:x1]
+        patch[m] = _natural_texture(rng, y1 - y0, x1 - x0)[m]  # its own texture, only as large as the shape
+    return canvas
+
+
+def render_clutter_video(
+    rng: np.random.Generator, cls: SynthClass, *, width: int, height: int, frames: int
+) -> tuple[np.ndarray, dict]:
+    """(frames, H, W, 3) uint8 RGB and a description: the `scene="clutter"` task.
+
+    One small textured object (10-20 % of the short side) moves in the class's direction over a cluttered,
+    natural-looking background (1/f texture with textured shapes) that itself pans in a random direction (a
+    moving camera). The object is drawn from the same kind of texture as the background, so only its motion
+    against the background finds it; it stays inside the frame (no wrap-around), as in real footage."""
+    h, w = height, width
+    size = max(4, int(round(min(h, w) * rng.uniform(0.10, 0.20))))
+    speed = max(2.0, 0.06 * min(h, w)) * cls.speed * rng.uniform(0.8, 1.2)  # px per frame
+    dx, dy = cls.direction
+    norm = math.hypot(dx, dy)
+    vx, vy = speed * dx / norm, speed * dy / norm
+    # Camera pan: any direction, up to half the object's speed; the canvas is large enough for the whole pan.
+    pan_speed = rng.uniform(0.0, 0.5) * speed
+    pan_angle = rng.uniform(0, 2 * math.pi)
+    px, py = pan_speed * math.cos(pan_angle), pan_speed * math.sin(pan_angle)
+    margin = int(math.ceil(pan_speed * (frames - 1))) + 1
+    canvas = _clutter_canvas(rng, h + 2 * margin, w + 2 * margin, size)  # (H+2m, W+2m, 3)
+    shape = str(rng.choice(SHAPES[:3]))  # square, disc, diamond: a compact object
+    mask = _shape_mask(shape, size)
+    obj = _natural_texture(rng, size, size)
+    obj = np.clip(obj + rng.choice([-1, 1]) * rng.uniform(0.3, 0.45), 0, 1)  # clearly lighter or darker
+    # Start so that the whole path stays inside the frame.
+    travel_x, travel_y = vx * (frames - 1), vy * (frames - 1)
+    x0 = rng.uniform(max(0.0, -travel_x), max(0.0, -travel_x) + max(0.0, w - size - abs(travel_x)))
+    y0 = rng.uniform(max(0.0, -travel_y), max(0.0, -travel_y) + max(0.0, h - size - abs(travel_y)))
+    video = np.empty((frames, h, w, 3), np.uint8)
+    for f in range(frames):
+        oy, ox = int(round(margin + py * f)), int(round(margin + px * f))
+        frame = canvas[oy : oy + h, ox : ox + w].copy()
+        y, x = int(round(y0 + vy * f)), int(round(x0 + vx * f))
+        y, x = min(max(y, 0), h - size), min(max(x, 0), w - size)
+        region = frame[y : y + size, x : x + size]
+        region[mask] = obj[mask]
+        video[f] = np.clip(frame * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    info = {"shape": shape, "object": f"textured {shape}", "size": size, "movers": 1,
+            "velocity": [round(vx, 3), round(vy, 3)], "pan": [round(px, 3), round(py, 3)]}
+    return video, info
+
+
+SCENES: dict[str, Callable[..., tuple[np.ndarray, dict]]] = {"objects": render_video, "clutter": render_clutter_video}
+
+
 def encode_video(path: str, video: np.ndarray, *, fps: int, codec: str, gop: int) -> None:
     """Writes (T, H, W, 3) uint8 RGB with PyAV: codec 'h264' (-> libx264, .mp4) or 'vp9' (-> libvpx-vp9, .webm)."""
     if codec == "vp9" and _vpx_clash():
@@ -270,9 +364,9 @@ class _Job:
 
 
 def _work(args: tuple) -> tuple[int, dict]:
-    job, classes, width, height, frames, fps, codec, gop = args
+    job, classes, width, height, frames, fps, codec, gop, scene = args
     rng = np.random.default_rng(list(job.seed))
-    video, info = render_video(rng, classes[job.cls], width=width, height=height, frames=frames)
+    video, info = SCENES[scene](rng, classes[job.cls], width=width, height=height, frames=frames)
     if job.corrupt:
         tmp = job.path + ".good"
         _encode(tmp, video, fps=fps, codec=codec, gop=gop)
@@ -313,6 +407,7 @@ def generate(
     gop: int = 8,
     seed: int = 0,
     video_layout: str = "tree",
+    scene: str = "objects",
     workers: int | None = None,
     progress: bool | Callable = True,
 ) -> SynthResult:
@@ -322,6 +417,8 @@ def generate(
     (`val_videos_per_class`/`test_videos_per_class` override). `corrupt` broken files are added to the training
     split (truncated / zero-byte / garbage, in turn) and listed in the annotations like the good ones.
     `video_layout` (K400 only): "tree" = videos/{split}/{label}/, "flat" = videos/ directly.
+    `scene`: "objects" (the demo's bright movers over static look-alikes, `render_video`) or "clutter" (one small
+    textured object over a panning natural-looking background, `render_clutter_video`).
     """
     import time
 
@@ -335,6 +432,8 @@ def generate(
     t0 = time.perf_counter()
     if layout not in ("k400", "ssv2"):
         raise ValueError(f"layout={layout!r}: expected 'k400' or 'ssv2'")
+    if scene not in SCENES:
+        raise ValueError(f"scene={scene!r}: expected one of {', '.join(SCENES)}")
     if video_layout not in ("tree", "flat"):
         raise ValueError(f"video_layout={video_layout!r}: expected 'tree' or 'flat'")
     if width % 2 or height % 2 or width < 16 or height < 16:
@@ -391,7 +490,7 @@ def generate(
 
     # Render + encode, in parallel processes (each job seeds its own generator: same bytes for any worker count).
     workers = workers or min(len(jobs), os.cpu_count() or 1, 8) or 1
-    args = [(j, cls_list, width, height, frames, fps, codec, gop) for j in jobs]
+    args = [(j, cls_list, width, height, frames, fps, codec, gop, scene) for j in jobs]
     infos: dict[int, dict] = {}
     bar = _progress(progress, total=len(jobs), desc=f"synth {layout}")
     if (workers > 1 and len(jobs) > 8):
@@ -427,7 +526,7 @@ def generate(
     )
     meta = {**result.to_json(), "params": {"classes": classes, "videos_per_class": videos_per_class,
             "width": width, "height": height, "frames": frames, "fps": fps, "gop": gop, "seed": seed,
-            "video_layout": video_layout, "corrupt": corrupt}}
+            "video_layout": video_layout, "corrupt": corrupt, "scene": scene}}
     (root / "synth.json").write_text(json.dumps(meta, indent=1))
     return result
 

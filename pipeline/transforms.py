@@ -114,13 +114,27 @@ def _check(h: int, w: int, size: int) -> None:
         raise ValueError(f"crop {size} larger than the frame {w}x{h}: resize the short side first")
 
 
+def scale_jitter(clip: Clip, scale: tuple[float, float], min_side: int, rng: np.random.Generator) -> Clip:
+    """Resizes the clip by one factor drawn from [min, max] (ViViT's scale jitter), keeping its short side at least
+    `min_side` (the crop that follows must fit)."""
+    lo, hi = scale
+    if lo == hi == 1.0:
+        return clip
+    f = rng.uniform(lo, hi)
+    h, w = clip.shape[1:3]
+    f = max(f, min_side / min(h, w))
+    return resize(clip, max(min_side, round(h * f)), max(min_side, round(w * f)))
+
+
 def spatial_views(clip: Clip, spec, rng: np.random.Generator | None) -> list[Clip]:
     """The spatial views of one temporal view, `spec` a ClipSpec: short-side resize, then
-    training: `spec.train_crop` (+ random flip if `spec.flip`) -> 1 view; test: centre crop (1) or three crops (3)."""
+    training: scale jitter, `spec.train_crop` (+ random flip if `spec.flip`), `spec.augment` -> 1 view;
+    test: centre crop (1) or three crops (3)."""
     clip = short_side_resize(clip, spec.short_side)
     if spec.train:
         if rng is None:
             raise ValueError("training transforms are random: pass a seeded numpy Generator")
+        clip = scale_jitter(clip, spec.augment.scale_jitter, spec.crop_size, rng)
         if spec.train_crop == "random_resized":
             out = random_resized_crop(clip, spec.crop_size, rng)
         elif spec.train_crop == "random":
@@ -129,6 +143,10 @@ def spatial_views(clip: Clip, spec, rng: np.random.Generator | None) -> list[Cli
             out = center_crop(clip, spec.crop_size)
         if spec.flip and rng.random() < 0.5:
             out = hflip(out)
+        if spec.augment.active:
+            from pipeline.augment import augment_clip
+
+            out = augment_clip(out, spec.augment, rng)
         return [out]
     if spec.spatial_views == 1:
         return [center_crop(clip, spec.crop_size)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 CLIP = {"num_frames": 8, "sampling": "dense", "stride": 2, "short_side": 64, "crop_size": 64, "tubelet_t": 2,
-        "patch": 16, "train": False, "flip": False, "temporal_views": 1, "spatial_views": 1}
+        "patch": 8, "train": False, "flip": False, "temporal_views": 1, "spatial_views": 1}
 SYNTH = {"classes": 3, "videos_per_class": 6, "val_videos_per_class": 2, "test_videos_per_class": 0, "corrupt": 3,
          "width": 80, "height": 64, "frames": 16, "fps": 8, "seed": 3}
 

@@ -121,25 +121,6 @@ def test_bf16_parameters_fp32_buffers_without_autocast_train_and_validate():
     assert out["val_clips"] == 6 and 0.0 <= out["top1_ec0.3"] <= 1.0 and 0.0 <= out["top5_ec1.0"] <= 1.0
 
 
-@pytest.fixture(scope="module")
-def gloo_world_of_one():
-    """A one-rank gloo process group, as Ray Train sets up on a CPU worker, for a real DeepSpeed engine here.
-    One per module: DeepSpeed caches the group it first sees for the life of the process."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "LOCAL_WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_bf16_engine_trains_validates_and_checkpoints_fp32_masters(stage, gloo_world_of_one, tmp_path):
     import deepspeed
@@ -278,11 +259,11 @@ def test_init_from_a_checkpoint_at_another_img_size(tmp_path):
     from models.vit import create_model
     from models.weights import load_pretrained
 
-    src = create_model("vivit_tiny", num_classes=4)  # 64 px: 4x4 patches
+    src = create_model("vivit_tiny", num_classes=4, pool="cls")  # 64 px: 8x8 patches of 8 px
     torch.save(src.state_dict(), tmp_path / "src.pt")
-    dst = create_model("vivit_tiny", num_classes=4, img_size=96)  # 6x6 patches
+    dst = create_model("vivit_tiny", num_classes=4, img_size=96, pool="cls")  # 12x12 patches
     assert load_pretrained(dst, tmp_path / "src.pt") == []
-    assert dst.pos_embed.shape == (1, 1 + 36, 128)  # CLS + 6x6
+    assert dst.pos_embed.shape == (1, 1 + 144, 64)  # CLS + 12x12
     torch.testing.assert_close(dst.pos_embed[:, 0], src.pos_embed[:, 0])
     torch.testing.assert_close(dst.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
 
@@ -325,7 +306,7 @@ def test_autoscaler_with_unknown_limits_warns_and_a_fixed_cluster_refuses(monkey
     unknown = ClusterCapacity({"CPU": 0.0}, None, True, "~/ray_bootstrap_config.yaml (resources not declared)")
     warnings = check_resources(cfg, unknown)
     assert len(warnings) == 2 and all("waits for nodes to join" in w for w in warnings)
-    with pytest.raises(ConfigError, match="needs 16 GPUs, the Ray cluster has 0"):
+    with pytest.raises(ConfigError, match=f"needs {cfg.scaling.num_workers} GPUs, the Ray cluster has 0"):
         check_resources(cfg, {"CPU": 256.0})
     # the global max_workers caps every node type together
     conf = launcher_config()

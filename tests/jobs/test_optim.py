@@ -3,7 +3,6 @@ accumulation through DeepSpeed's own gradient_accumulation_steps."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -83,25 +82,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    """A one-rank gloo group, the way a Ray Train worker has one, for deepspeed.initialize."""
-    import torch.distributed as dist
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}.items():
-        os.environ.setdefault(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from jobs.train import _disable_deepspeed_shm_comm
-
-    _disable_deepspeed_shm_comm()
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_two_accumulated_half_batches_give_the_gradients_of_one_full_batch(single_process_group, zero_stage):
+def test_two_accumulated_half_batches_give_the_gradients_of_one_full_batch(gloo_world_of_one, zero_stage):
     """DeepSpeed's gradient_accumulation_steps=2 with micro-batches of 4 takes the same optimizer step as one batch
     of 8: plain SGD (lr 1, no momentum), so the weight change is exactly the gradient."""
     import deepspeed

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (["optim.epocs=3"], "unknown config key 'optim.epocs'; did you mean 'epochs'?"),
         (["scaling.precision=bf16"], "bf16 needs scaling.use_gpu=true"),
         (["optim.batch_size=zero"], "optim.batch_size: expected int, got 'zero'"),
-        (["data.crop_size=70"], "data.crop_size=70 must be a multiple of data.patch=16"),
+        (["data.crop_size=70"], "data.crop_size=70 must be a multiple of data.patch=8"),
     ],
 )
 def test_bad_config_is_named_with_its_fix(override, message):

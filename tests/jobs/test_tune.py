@@ -22,7 +22,7 @@ from models.capacity import capacities_for_budget, effective_capacity
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIP = {"num_frames": 8, "sampling": "segment", "stride": 2, "short_side": 64, "crop_size": 64, "tubelet_t": 2,
-        "patch": 16, "train": False, "flip": False, "temporal_views": 1, "spatial_views": 1}
+        "patch": 8, "train": False, "flip": False, "temporal_views": 1, "spatial_views": 1}
 
 
 # --------------------------------------------------------------------------- no Ray

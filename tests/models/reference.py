@@ -48,7 +48,7 @@ def naive_forward(model, pixels, budget=None):
         gate = torch.cat([gate.new_ones(G, P), gate], dim=1)
     for blk in model.blocks:
         x = naive_block(blk, x, width, gate)
-    pooled = x[:, 0] if P else x.mean(1)  # (G, D)
+    pooled = x[:, 0] if P else x.amax(1) if cfg.pool == "max" else x.mean(1)  # (G, D)
     if not cfg.video:
         return model.head(pooled), routing
     f = model.spatial_norm(pooled).view(B, -1, D)

@@ -93,7 +93,7 @@ def test_load_pretrained_from_files(timm, tmp_path):
     # other classes and frames: head left fresh, temporal positions interpolated
     other = create_model("vivit_tiny", num_classes=9, num_frames=16)
     assert load_pretrained(other, {"model": src.state_dict()}) == ["head.fc.bias", "head.fc.weight"]
-    assert other.temporal_pos_embed.shape == (1, 9, 128)
+    assert other.temporal_pos_embed.shape == (1, 8, 64)  # vivit_tiny: no temporal CLS (pool=max), width 64
     # a timm ViT state dict file, inflated into a ViViT; our own MoNE ViT too
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     torch.save({"state_dict": vit.state_dict()}, tmp_path / "timm.pth")

@@ -45,6 +45,33 @@ def test_motion_defines_the_class_not_a_single_frame():
     assert np.std(centres) < 2 * np.mean(spreads)
 
 
+def test_clutter_scene_object_moves_over_a_panning_background(tmp_path):
+    """scene="clutter": one object moves in the class direction, staying in the frame; the textured background pans
+    in a direction that has nothing to do with the class; neither object nor background is a flat colour."""
+    pans = []
+    for k, cls in enumerate(synth.synth_classes(4) * 3):
+        rng = np.random.default_rng([k, 1])
+        video, info = synth.render_clutter_video(rng, cls, width=64, height=64, frames=8)
+        again, _ = synth.render_clutter_video(np.random.default_rng([k, 1]), cls, width=64, height=64, frames=8)
+        assert video.shape == (8, 64, 64, 3) and video.dtype == np.uint8 and np.array_equal(video, again)
+        vx, vy = info["velocity"]
+        dx, dy = cls.direction
+        assert np.sign(vx) == np.sign(dx) and np.sign(vy) == np.sign(dy) and np.hypot(vx, vy) >= 2
+        assert info["movers"] == 1 and 6 <= info["size"] <= 13  # small: 10-20 % of the short side
+        assert np.hypot(*info["pan"]) <= 0.5 * np.hypot(vx, vy) + 1e-6
+        pans.append(info["pan"])
+        # Textured, not flat: the background has many distinct colours in every frame.
+        assert len(np.unique(video[0].reshape(-1, 3), axis=0)) > 500
+    pans = np.array(pans)
+    assert (pans[:, 0] > 0).any() and (pans[:, 0] < 0).any()  # the camera pans both ways, whatever the class
+    res = synth.generate(tmp_path / "c", "k400", scene="clutter", classes=2, videos_per_class=1,
+                         val_videos_per_class=0, test_videos_per_class=0, width=32, height=32, frames=4,
+                         workers=1, progress=False)
+    assert res.videos == 2 and synth_info(tmp_path / "c")["params"]["scene"] == "clutter"
+    with pytest.raises(ValueError, match="scene='forest'"):
+        synth.generate(tmp_path / "d", "k400", scene="forest", progress=False)
+
+
 def test_k400_files_and_annotations(k400_tree):
     info = synth_info(k400_tree)
     assert info["counts"] == {"train": 4 * 4 + 3, "validate": 4 * 2, "test": 4}
