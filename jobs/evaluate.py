@@ -614,9 +614,9 @@ def report_paths(out: Path) -> tuple[Path, Path]:
 
 
 def _checkpoint_identity(ckpt_dir: Path) -> dict[str, Any]:
-    from jobs.checkpoint import META_FILE, WEIGHTS_FILE
+    from jobs.checkpoint import META_FILE, weights_path
 
-    st = (ckpt_dir / WEIGHTS_FILE).stat()
+    st = weights_path(ckpt_dir).stat()
     return {"path": str(ckpt_dir.resolve()), "weights_bytes": st.st_size, "weights_mtime_ns": st.st_mtime_ns,
             "meta_sha1": hashlib.sha1((ckpt_dir / META_FILE).read_bytes()).hexdigest()}
 

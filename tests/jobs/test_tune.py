@@ -226,7 +226,7 @@ def test_train_search_asha_end_to_end_and_resume(ray_cluster, tmp_path):
     assert len(run_dirs) == 2 and all((d / "config.yaml").is_file() for d in run_dirs)
     # every trial leaves its latest inference checkpoint in its run directory, for `mone tune budgets`/evaluate
     assert (Path(best["checkpoint"]) / "inference.json").is_file()
-    assert all((d / "inference" / "model.pt").is_file() for d in run_dirs)
+    assert all((d / "inference" / "model.safetensors").is_file() for d in run_dirs)
 
     again = tune_train("tiny_cpu", overrides, space, trials=2, name="search", max_concurrent=1, verbose=0)
     assert again["resumed"] and again["trials"] == 2 and again["best"]["trial_id"] == best["trial_id"]
