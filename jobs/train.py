@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs import run_files
+from jobs import report, run_files, tracking
+from jobs.checkpoint import BEST_DIRNAME
 from jobs.config import ConfigError, TrainConfig, config_from_dict, dump_config, load_config
 
 DS_SUBDIR = "deepspeed"  # inside a Ray checkpoint: DeepSpeed's own files (every rank's shards)
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["mone.dense=true"] if args.dense else [])
     try:
         cfg = load_config(args.config, overrides)
+        tracking.preflight(cfg)  # an MLflow server named in the config must answer before Ray starts
     except (ConfigError, FileNotFoundError) as e:
         print(f"mone train: {e}")
         return 2
@@ -141,12 +143,19 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
     if history:
         plot = run_files.join(run_dir, "accuracy_vs_gflops.png")
         _plot_accuracy_vs_gflops(history, plot, cfg)
+    best_dir = run_files.join(run_dir, BEST_DIRNAME)
+    best_dir = best_dir if cfg.run.keep_best and run_files.exists(best_dir) else None
+    report_path = report.write_run_report(cfg, run_dir, history, data, inference_dir=inference_dir,
+                                          best_dir=best_dir)
     last = history[-1] if history else {}
     summary: dict[str, Any] = {
         "run_dir": run_dir,
         "checkpoint": inference_dir,
+        "best_checkpoint": best_dir,
         "ray_checkpoint": ckpt_dir,
         "plot": plot,
+        "report": report_path,
+        "tensorboard": run_files.join(run_dir, tracking.TB_DIRNAME),
         "num_classes": len(data.labels),
         "epochs": last.get("epoch", -1) + 1,
         "global_step": last.get("global_step", 0),
@@ -155,10 +164,16 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "bad_videos": n_errors,
     }
     for b in cfg.mone.val_budgets:
-        for key in (f"top1_ec{b}", f"top5_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}"):
+        for key in (f"top1_ec{b}", f"top5_ec{b}", f"mean_class_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}"):
             summary[key] = last.get(key)
+    if best_dir:
+        best = json.loads(run_files.read_text(run_files.join(best_dir, "inference.json")))
+        summary["best"] = {"metric": cfg.run.keep_best, "epoch": best["run"]["epoch"],
+                           "value": best.get("metrics", {}).get(cfg.run.keep_best)}
     print(f"[mone] done in {summary['wall_s']} s. run directory: {run_dir}\n"
-          f"[mone] inference checkpoint: {inference_dir}\n[mone] plot: {plot}\n"
+          f"[mone] inference checkpoint: {inference_dir}" + (f" (best {cfg.run.keep_best}: {best_dir})" if best_dir
+                                                              else "") + f"\n[mone] plot: {plot}\n"
+          f"[mone] report: {report_path}\n[mone] TensorBoard: tensorboard --logdir {summary['tensorboard']}\n"
           f"[mone] metrics: {run_files.join(run_dir, 'metrics.jsonl')}")
     print(_budget_table(last, cfg.mone.val_budgets))
     return summary
@@ -337,7 +352,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from jobs import data as job_data
-    from jobs.checkpoint import save_inference
+    from jobs.checkpoint import is_best, save_inference
     from models.capacity import capacities_for_budget
     from models.flops import model_flops
     from models.vit import create_model
@@ -390,6 +405,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
+    tracker = tracking.open_tracker(cfg, loop["run_dir"], rank=rank, start_step=global_step)  # no-op off rank 0
 
     budgets = [1.0] if cfg.mone.dense else list(cfg.mone.train_budgets)
     probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
@@ -403,8 +419,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         loop["train_error_log"].set_epoch(epoch)  # decode workers seed sampling/crops with it
         engine.train()
         t_epoch, n_clips, loss_sum, n_steps = time.time(), 0, 0.0, 0
+        data_wait, t_ready = 0.0, time.perf_counter()  # seconds blocked on the next batch
         seen: list[str] = []
         for batch in job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True):
+            data_wait += time.perf_counter() - t_ready
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
             # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
@@ -424,6 +442,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 print(f"[mone] epoch {epoch + 1}/{cfg.optim.epochs} step {n_steps}/~{steps_per_epoch} "
                       f"loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"{rate:.1f} clips/s", flush=True)
+                tracker.log_step(global_step, loss=loss.item(), lr=scheduler.get_last_lr()[0], e_c=e_c,
+                                 clips_per_s=rate, data_wait_s=data_wait / n_steps)
+            t_ready = time.perf_counter()
         train_time = time.time() - t_epoch
         if cfg.run.record_shards:
             run_files.write_text(run_files.join(loop["run_dir"], "shards", f"epoch{epoch}_rank{rank}.txt"),
@@ -434,9 +455,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(1, n_steps),
             "train_clips_per_s": n_clips * world / max(train_time, 1e-9),
             "lr": scheduler.get_last_lr()[0],
+            "data_wait_s": data_wait,
         }
-        metrics.update(_validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops))
+        val_metrics, confusions = _validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops,
+                                            len(labels))
+        metrics.update(val_metrics)
         history.append(metrics)
+        last_epoch = epoch == cfg.optim.epochs - 1
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
                                  "".join(json.dumps(m) + "\n" for m in history))
@@ -444,9 +469,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"])
                 + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets),
                 flush=True)
+            report.write_confusion(run_files.join(loop["run_dir"], report.VAL_CONFUSION_FILE), confusions, labels,
+                                   epoch=epoch)
+            tracker.log_epoch(global_step, metrics, report.epoch_figures(history, cfg, confusions if last_epoch
+                                                                          else None, labels))
 
-        last_epoch = epoch == cfg.optim.epochs - 1
-        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch:
+        # A best epoch (run.keep_best) is checkpointed too; rank 0 decides (train metrics differ between ranks).
+        best = _rank0_decides(bool(cfg.run.keep_best) and is_best(history, cfg.run.keep_best), device)
+        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch or best:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(os.path.join(tmp, DS_SUBDIR), tag=DS_TAG)  # every rank: its own shards
                 if rank == 0:
@@ -458,11 +488,26 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                         clip=loop["eval_clip"], overrides=cfg.model.overrides,
                         extra={"train_budgets": budgets, "val_budgets": list(cfg.mone.val_budgets),
                                "dense": cfg.mone.dense, "run": {"name": cfg.run_name, "epoch": epoch,
-                                                                 "global_step": global_step}},
+                                                                 "global_step": global_step}, "metrics": metrics},
                     )
+                    if best:  # best/ beside the latest inference/: the same files, kept until a better epoch
+                        run_files.upload_dir(Path(tmp, "inference"), run_files.join(loop["run_dir"], BEST_DIRNAME))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+    tracker.close()
+
+
+def _rank0_decides(flag: bool, device) -> bool:
+    """Rank 0's value of `flag` on every rank (a decision that leads to collectives must be the same everywhere)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _full_state_dict(engine) -> dict[str, Any]:
@@ -474,16 +519,20 @@ def _full_state_dict(engine) -> dict[str, Any]:
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
-def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg, model_flops) -> dict[str, Any]:
-    """Top-1/top-5, GFLOPs per clip and clips/s at each validation budget, on one decode of the val set."""
+def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg, model_flops,
+              num_classes: int) -> tuple[dict[str, Any], dict[float, Any]]:
+    """Top-1/top-5/mean-class accuracy (torchmetrics, every rank's counts summed), GFLOPs per clip and clips/s at
+    each validation budget, on one decode of the val set; also the confusion matrix (C, C) of each budget.
+    Views are fused by averaging their softmax probabilities (models.metrics.fuse_views)."""
     import torch
     import torch.distributed as dist
 
     from jobs import data as job_data
+    from models.metrics import ClassificationMetrics, fuse_views
 
     budgets = list(cfg.mone.val_budgets)
     model.eval()
-    counts = torch.zeros(len(budgets), 3, dtype=torch.float64)  # (budget, [top1, top5, n])
+    meters = [ClassificationMetrics(num_classes, device=device) for _ in budgets]
     seconds = torch.zeros(len(budgets), dtype=torch.float64)
     views = 1
     with torch.no_grad():
@@ -494,31 +543,25 @@ def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg,
             for i, b in enumerate(budgets):
                 t = time.perf_counter()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model.forward_tokens(flat, budget=budget_arg(b))
-                logits = logits.float().view(B, views, -1).mean(1)  # multi-view: average logits
+                    logits = model.forward_tokens(flat, budget=budget_arg(b))  # (B*V, C)
+                probs = fuse_views(logits.view(B, views, -1))  # (B, C)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[i] += time.perf_counter() - t
-                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
-                hit = top5 == target[:, None]
-                counts[i, 0] += hit[:, 0].sum().item()
-                counts[i, 1] += hit.any(-1).sum().item()
-                counts[i, 2] += B
+                meters[i].update(probs, target)
+    results = [m.compute() for m in meters]  # collective: sums the counts of every rank
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
         dist.all_reduce(seconds)
         world = dist.get_world_size()
     else:
         world = 1
-    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item())}
-    for i, b in enumerate(budgets):
-        n = max(1.0, counts[i, 2].item())
-        caps = budget_arg(b)
-        out[f"top1_ec{b}"] = counts[i, 0].item() / n
-        out[f"top5_ec{b}"] = counts[i, 1].item() / n
-        out[f"gflops_ec{b}"] = views * model_flops(model.cfg, capacities=caps) / 1e9
+    out: dict[str, Any] = {"val_clips": results[0]["n"]}
+    for b, r in zip(budgets, results, strict=True):
+        n = max(1, r["n"])
+        out[f"top1_ec{b}"] = r["top1"]
+        out[f"top5_ec{b}"] = r["top5"]
+        out[f"mean_class_ec{b}"] = r["mean_class"]
+        out[f"gflops_ec{b}"] = views * model_flops(model.cfg, capacities=budget_arg(b)) / 1e9
         # Workers ran in parallel: clips per second of the whole group = n / mean worker time.
-        out[f"clips_per_s_ec{b}"] = n / max(seconds[i].item() / world, 1e-9)
-    return out
-
-
+        out[f"clips_per_s_ec{b}"] = n / max(seconds[budgets.index(b)].item() / world, 1e-9)
+    return out, {b: r["confusion"] for b, r in zip(budgets, results, strict=True)}
