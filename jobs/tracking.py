@@ -174,6 +174,9 @@ class _WandB:
 
     def close(self) -> None:
         self.run.finish()
+        # wandb-core writes the run file out when its service stops; Ray may end this worker without the exit
+        # hooks that would stop it, so stop it here.
+        self.wandb.teardown()
         if self.tmp:  # remote storage: W&B's local files (an offline run: for `wandb sync`) go beside the run
             run_files.upload_dir(os.path.join(self.tmp, "wandb"), run_files.join(self.run_dir, "wandb"))
             shutil.rmtree(self.tmp, ignore_errors=True)
