@@ -473,6 +473,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                    epoch=epoch)
             tracker.log_epoch(global_step, metrics, report.epoch_figures(history, cfg, confusions if last_epoch
                                                                           else None, labels))
+            if last_epoch:  # before the last report: Tune may end a trial's workers right after it
+                tracker.close()
 
         # A best epoch (run.keep_best) is checkpointed too; rank 0 decides (train metrics differ between ranks).
         best = _rank0_decides(bool(cfg.run.keep_best) and is_best(history, cfg.run.keep_best), device)
