@@ -396,7 +396,7 @@ def decode_chunk(row: dict[str, Any], spec: dict[str, Any], decoder: str = "auto
 
 
 class Predictor:
-    """Ray Data actor (callable class): the model, run on one chunk at every budget; views' logits averaged."""
+    """Ray Data actor (callable class): the model, run on one chunk at every budget; views fused (softmax mean)."""
 
     def __init__(self, meta: dict[str, Any], state: list, budgets: list[list[float]], topk: int = TOPK,
                  threads: int | None = None, device: str = "auto", max_clips: int = 64, keep_scores: bool = False):

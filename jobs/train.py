@@ -145,8 +145,8 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         _plot_accuracy_vs_gflops(history, plot, cfg)
     best_dir = run_files.join(run_dir, BEST_DIRNAME)
     best_dir = best_dir if cfg.run.keep_best and run_files.exists(best_dir) else None
-    report_path = report.write_run_report(cfg, run_dir, history, data, inference_dir=inference_dir,
-                                          best_dir=best_dir)
+    report_path = report.write_run_report(cfg, run_dir, history, data, best_dir=best_dir,
+                                          inference_dir=inference_dir if result.checkpoint else None)
     last = history[-1] if history else {}
     summary: dict[str, Any] = {
         "run_dir": run_dir,
