@@ -207,8 +207,11 @@ def curves_png(history: list[dict[str, Any]], budgets: list[float]) -> bytes:
     axes[1].legend(fontsize=8)
     axes[2].bar(epochs, [m.get("data_wait_s") or 0.0 for m in history], color="C7")
     axes[2].set_title("data wait per epoch (s, rank 0)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -288,7 +291,8 @@ td.l, th.l { text-align: left; } img { max-width: 100%; border: 1px solid #eee; 
 figure { display: inline-block; margin: 6px 12px 6px 0; vertical-align: top; }
 figcaption { font-size: 12px; color: #555; }
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
-.errors { max-height: 420px; overflow-y: auto; display: inline-block; } code { background: #f3f3f3; padding: 0 3px; }
+.errors { max-height: 420px; overflow-y: auto; display: inline-block; } .errors td, .errors th { text-align: left; }
+code { background: #f3f3f3; padding: 0 3px; }
 """
 
 
