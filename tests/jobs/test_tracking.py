@@ -60,6 +60,29 @@ def screenshot_is_a_page(png: Path) -> None:
 # ------------------------------------------------------------------------------------------------ no Ray
 
 
+@pytest.mark.parametrize("override, message", [
+    (["run.keep_best=top1_ec0.7"], "run.keep_best: 'top1_ec0.7' is not a metric of this run; did you mean 'top1_ec0.5"),
+    (["run.tracking=[mlflow]"], "run.tracking includes mlflow but run.mlflow_uri is empty"),
+    (["run.tracking=[tensorbord]"], "run.tracking[0]: 'tensorbord' is not one of tensorboard, mlflow, wandb"),
+    (["run.wandb_mode=ofline"], "run.wandb_mode: 'ofline' is not one of"),
+])
+def test_bad_tracking_config_is_named_with_its_fix(override, message):
+    from jobs.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", override)
+    assert message in str(e.value)
+
+
+def test_unreachable_mlflow_server_is_refused_before_ray_starts():
+    from jobs.config import ConfigError, load_config
+    from jobs.tracking import preflight
+
+    cfg = load_config("tiny_cpu", ["run.tracking=[mlflow]", f"run.mlflow_uri=http://127.0.0.1:{_free_port()}"])
+    with pytest.raises(ConfigError, match="no MLflow tracking server answers"):
+        preflight(cfg)
+
+
 def test_confusion_figure_with_400_classes_and_its_table(tmp_path):
     import matplotlib.image as mpimg
     import numpy as np
