@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from jobs import run_files
@@ -208,10 +209,19 @@ class Tracker:
         """Per logged training step: loss, lr, e_c, clips_per_s, data_wait_s, ... (as `train/NAME`)."""
         self._each("scalars", step, {f"train/{k}": float(v) for k, v in values.items() if v is not None})
 
-    def log_epoch(self, step: int, metrics: dict[str, Any], figures: dict[str, bytes] | None = None) -> None:
-        """Every numeric key of an epoch's metrics line, and figures (PNG bytes by tag); then flushes."""
+    def log_epoch(self, step: int, metrics: dict[str, Any],
+                  figures: Callable[[], dict[str, bytes]] | None = None) -> None:
+        """Every numeric key of an epoch's metrics line, and the figures `figures()` draws (PNG bytes by tag; drawn
+        only where a backend is open, and a figure that fails is skipped with a warning); then flushes."""
+        if not self.backends:
+            return
         self._each("scalars", step, epoch_scalars(metrics))
-        for tag, png in (figures or {}).items():
+        try:
+            pngs = figures() if figures else {}
+        except Exception as e:  # noqa: BLE001 -- a plot must not end the training run
+            print(f"[mone] warning: epoch figures not drawn ({type(e).__name__}: {e})", flush=True)
+            pngs = {}
+        for tag, png in pngs.items():
             self._each("image", tag, png, step)
         self._each("flush")
 

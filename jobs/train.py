@@ -12,6 +12,7 @@ Same code on a laptop and on a GPU cluster: only scaling.num_workers, scaling.us
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -471,8 +472,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 flush=True)
             report.write_confusion(run_files.join(loop["run_dir"], report.VAL_CONFUSION_FILE), confusions, labels,
                                    epoch=epoch)
-            tracker.log_epoch(global_step, metrics, report.epoch_figures(history, cfg, confusions if last_epoch
-                                                                          else None, labels))
+            tracker.log_epoch(global_step, metrics, functools.partial(
+                report.epoch_figures, history, cfg, confusions if last_epoch else None, labels))
             if last_epoch:  # before the last report: Tune may end a trial's workers right after it
                 tracker.close()
 
