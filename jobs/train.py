@@ -559,12 +559,12 @@ def _validate(model, val_shard, cfg: TrainConfig, device, amp_dtype, budget_arg,
     else:
         world = 1
     out: dict[str, Any] = {"val_clips": results[0]["n"]}
-    for b, r in zip(budgets, results, strict=True):
+    for i, (b, r) in enumerate(zip(budgets, results, strict=True)):
         n = max(1, r["n"])
         out[f"top1_ec{b}"] = r["top1"]
         out[f"top5_ec{b}"] = r["top5"]
         out[f"mean_class_ec{b}"] = r["mean_class"]
         out[f"gflops_ec{b}"] = views * model_flops(model.cfg, capacities=budget_arg(b)) / 1e9
         # Workers ran in parallel: clips per second of the whole group = n / mean worker time.
-        out[f"clips_per_s_ec{b}"] = n / max(seconds[budgets.index(b)].item() / world, 1e-9)
+        out[f"clips_per_s_ec{b}"] = n / max(seconds[i].item() / world, 1e-9)
     return out, {b: r["confusion"] for b, r in zip(budgets, results, strict=True)}
