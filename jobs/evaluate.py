@@ -19,7 +19,7 @@ Output, next to `--out`:
   atomically at the end. Columns: path, video_id, label, label_name, budget, e_c, capacities, gflops_per_view,
   gflops (spent on the video, all views), views, pred, pred_label, top5, top5_labels, top5_probs,
   top1_correct, top5_correct (null when the label is unknown), error_stage, error (null when the video was read);
-  with `--save-scores` also `scores`, the fused class probabilities (a fixed-size list of C float32; all NaN for a
+  with `--save-scores` also `scores`, the fused class probabilities (a fixed-size list of C float32; C nulls for a
   video that could not be read), for ensembling.
   A video that could not be read has one row per budget with `error` set, no predictions and 0 GFLOPs.
 - When labels are known (counted with torchmetrics, models.metrics): `OUT_STEM.report.json` (top-1, top-5 and
@@ -534,8 +534,8 @@ def chunk_table(videos: list[dict[str, Any]], result: dict[str, Any], budgets: l
                 rows["views"].append(0)
                 rows["error_stage"].append(err[0])
                 rows["error"].append(err[1])
-                if scores is not None:  # NaN, not null: a null fixed-size list does not survive Parquet in pyarrow 25
-                    rows["scores"].append(np.full(len(labels), np.nan, np.float32))
+                if scores is not None:  # C null items (a null fixed-size list does not read back in pyarrow 25)
+                    rows["scores"].append([None] * len(labels))
                 continue
             ids = [int(x) for x in top_ids[i, b]]
             rows["pred"].append(ids[0])

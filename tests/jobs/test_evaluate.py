@@ -205,7 +205,7 @@ def test_evaluate_matches_direct_evaluation(uninterrupted, archive_ckpt):
         assert int(np.argmax(row.scores)) == row.pred and list(np.argsort(-row.scores, kind="stable")[:3]) == \
             list(row.top5)
     assert pq.read_schema(out).field("scores").type == pa.list_(pa.float32(), 3)  # fixed-size: C classes
-    assert all(np.isnan(v).all() for v in errs.scores)  # unreadable: no scores
+    assert all(np.isnan(v).all() for v in errs.scores)  # unreadable: no scores (nulls, NaN in pandas)
     # Accuracy per budget = the direct one; report files next to the output.
     rep = json.loads(out.with_name("preds.report.json").read_text())
     for b in rep["budgets"]:
