@@ -205,8 +205,12 @@ def curves_png(history: list[dict[str, Any]], budgets: list[float]) -> bytes:
         axes[1].plot(epochs, ys, "o-", ms=3, color=f"C{i}", label=f"e_c={b}")
     axes[1].set_title("validation top-1 (%)")
     axes[1].legend(fontsize=8)
-    axes[2].bar(epochs, [m.get("data_wait_s") or 0.0 for m in history], color="C7")
-    axes[2].set_title("data wait per epoch (s, rank 0)")
+    if all("data_wait_fraction" in m for m in history):  # jobs.progress: share of step time blocked on data
+        axes[2].bar(epochs, [100 * m["data_wait_fraction"] for m in history], color="C7")
+        axes[2].set_title("data wait (% of step time, rank 0)")
+    else:
+        axes[2].bar(epochs, [m.get("data_wait_s") or 0.0 for m in history], color="C7")
+        axes[2].set_title("data wait per epoch (s, rank 0)")
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:

@@ -3,7 +3,8 @@ Weights & Biases when `run.tracking` names them.
 
 One `Tracker`, created on rank 0 by the train loop (`open_tracker`; other ranks get a no-op one), sends every
 record to each backend:
-- per logged step, `train/`: loss, lr, e_c, clips_per_s, data_wait_s (seconds blocked on the next batch);
+- per logged step, `train/`: loss, lr, e_c, clips_per_s, data_wait_s (seconds the step waited for its batch) and
+  data_wait_fraction (share of step time spent waiting so far this epoch, jobs.progress);
 - per epoch: every numeric key of the epoch's metrics line, so whatever a stage reports is tracked without code
   here: `val/top1_ec0.3`, `val/top5_ec0.3`, `val/mean_class_ec0.3`, `val/gflops_ec0.3`, per-width accuracies of a
   nested stage, ...; keys of the training side (`train_*`, lr, data-wait) under `epoch/`;
@@ -35,7 +36,7 @@ from jobs import run_files
 TB_DIRNAME = "tensorboard"
 RUN_DIR_TAG = "mone.run_dir"
 # Keys of the per-epoch metrics that describe the training side; everything else is a validation figure.
-TRAIN_SIDE = ("lr", "data_wait_s")
+TRAIN_SIDE = ("lr", "data_wait_s", "data_wait_fraction")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,9 +50,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """Every finite numeric value of an epoch's metrics line, under its tag (`val/KEY` or `epoch/KEY`)."""
+    """Every finite numeric value of an epoch's metrics line, under its tag (`val/KEY` or `epoch/KEY`); a nested
+    section (e.g. `val_final`, the full view protocol after the last epoch) as `SECTION/KEY`."""
     out = {}
     for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{kk}": float(vv) for kk, vv in v.items() if isinstance(vv, (int, float))
+                        and not isinstance(vv, bool) and math.isfinite(vv)})
+            continue
         if k in ("epoch", "global_step") or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if not math.isfinite(v):

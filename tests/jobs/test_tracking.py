@@ -120,13 +120,14 @@ def test_tracker_writes_tensorboard_and_wandb_offline(tmp_path):
     for step in range(1, 6):
         tr.log_step(step, loss=1.0 / step, lr=1e-3, e_c=0.3, clips_per_s=12.0, data_wait_s=0.02)
     tr.log_epoch(5, {"epoch": 0, "global_step": 5, "train_loss": 0.4, "top1_ec0.3": 0.75, "top1_w0.5": 0.5,
-                     "note": "text is skipped", "mean_class_ec0.3": float("nan")})
+                     "note": "text is skipped", "mean_class_ec0.3": float("nan"),
+                     "val_final": {"views": "4x3", "top1_ec0.3": 0.8}})
     tr.close()
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/e_c", "train/clips_per_s", "train/data_wait_s", "epoch/train_loss",
-            "val/top1_ec0.3", "val/top1_w0.5"} == tags  # every numeric key; NaN and text left out
+            "val/top1_ec0.3", "val/top1_w0.5", "val_final/top1_ec0.3"} == tags  # every numeric key; NaN, text out
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2])
     wandb_file = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert wandb_file.read_bytes().count(b"train/loss") >= 5 and b"val/top1_ec0.3" in wandb_file.read_bytes()
