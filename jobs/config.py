@@ -157,6 +157,11 @@ class RunConfig:
     num_to_keep: int = 2
     log_every: int = 10  # steps
     record_shards: bool = False  # audit: write the clips each rank trained on per epoch to run_dir/shards/
+    keep_best: str = ""  # a metric key (e.g. top1_ec0.3): also keep best/, the inference checkpoint of its best epoch
+    tracking: list[str] = field(default_factory=list)  # beside TensorBoard (always on): mlflow, wandb
+    mlflow_uri: str = ""  # a tracking server (http://host:5000) or a backend store (sqlite:///path/mlflow.db)
+    wandb_project: str = "mone"
+    wandb_mode: str = ""  # online | offline (no network needed) | "" = $WANDB_MODE, else online
 
 
 @dataclass
@@ -370,6 +375,33 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     if not s.use_gpu and s.precision == "bf16":
         # bf16 matmuls ran ~5x slower than fp32 on these CPUs (no bf16 units).
         raise ConfigError("scaling.precision=bf16 needs scaling.use_gpu=true; on CPU use fp32 (or auto)")
+    _validate_run(cfg.run, cfg)
+
+
+def epoch_metric_keys(cfg: TrainConfig) -> list[str]:
+    """The keys of a training run's per-epoch metrics (metrics.jsonl) that `run.keep_best` may name."""
+    per_budget = ("top1", "top5", "mean_class", "gflops", "clips_per_s")
+    keys = ["train_loss", "train_clips_per_s", "lr", "data_wait_s", "data_wait_fraction", "train_steps", "val_clips"]
+    return keys + [f"{k}_ec{b}" for b in cfg.mone.val_budgets for k in per_budget]
+
+
+def _validate_run(r: RunConfig, cfg: TrainConfig) -> None:
+    import importlib.util
+
+    for i, backend in enumerate(r.tracking):
+        _choice(backend, ("tensorboard", "mlflow", "wandb"), f"run.tracking[{i}]")
+        if backend != "tensorboard" and importlib.util.find_spec(backend) is None:
+            raise ConfigError(f"run.tracking: {backend} is not installed; pip install -e '.[{backend}]' "
+                              f"(or drop {backend} from run.tracking)")
+    if "mlflow" in r.tracking and not r.mlflow_uri:
+        raise ConfigError("run.tracking includes mlflow but run.mlflow_uri is empty; set run.mlflow_uri="
+                          "http://HOST:5000 (a tracking server) or sqlite:///PATH/mlflow.db")
+    _choice(r.wandb_mode, ("", "online", "offline"), "run.wandb_mode")
+    if r.keep_best and r.keep_best not in epoch_metric_keys(cfg):
+        known = epoch_metric_keys(cfg)
+        close = difflib.get_close_matches(r.keep_best, known, n=1)
+        raise ConfigError(f"run.keep_best: '{r.keep_best}' is not a metric of this run"
+                          + (f"; did you mean '{close[0]}'?" if close else f"; one of {', '.join(known)}"))
 
 
 def _check_clip_fits_model(cfg: TrainConfig) -> None:

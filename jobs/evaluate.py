@@ -6,8 +6,9 @@
 Data flow (Ray Data, streaming): the archive's manifest is cut into fixed chunks of `--batch-videos` videos
 (sorted by path) -> decode tasks (decode, test-mode views, tubelet tokens; a video that cannot be read becomes an
 error, never a crash) -> an actor pool (`map_batches` with a callable class; one GPU per actor when the cluster has
-GPUs) that runs the model on every view of the chunk once per requested budget, averages the views' logits and
-keeps the top-5 -> the driver, which writes one Parquet part per chunk as it arrives.
+GPUs) that runs the model on every view of the chunk once per requested budget, fuses the views by averaging their
+softmax probabilities (VideoMAE's protocol, models.metrics.fuse_views) and keeps the top-5 (with `--save-scores`
+the whole class-score vector) -> the driver, which writes one Parquet part per chunk as it arrives.
 
 Output, next to `--out`:
 - `OUT.parts/part-XXXXX.parquet` (one per chunk, written to a temporary name and renamed: never half a file)
@@ -17,9 +18,13 @@ Output, next to `--out`:
 - `OUT` (e.g. preds.parquet): all parts, one row per video and budget, sorted by (path, video_id, e_c); written
   atomically at the end. Columns: path, video_id, label, label_name, budget, e_c, capacities, gflops_per_view,
   gflops (spent on the video, all views), views, pred, pred_label, top5, top5_labels, top5_probs,
-  top1_correct, top5_correct (null when the label is unknown), error_stage, error (null when the video was read).
+  top1_correct, top5_correct (null when the label is unknown), error_stage, error (null when the video was read);
+  with `--save-scores` also `scores`, the fused class probabilities (a fixed-size list of C float32; C nulls for a
+  video that could not be read), for ensembling.
   A video that could not be read has one row per budget with `error` set, no predictions and 0 GFLOPs.
-- When labels are known: `OUT_STEM.report.json` (top-1/top-5 per budget, overall) and `OUT_STEM.per_class.parquet`.
+- When labels are known (counted with torchmetrics, models.metrics): `OUT_STEM.report.json` (top-1, top-5 and
+  mean-class accuracy per budget), `OUT_STEM.per_class.parquet`, `OUT_STEM.confusion.parquet` (budget, true, pred,
+  count; non-zero cells) and `OUT_STEM.confusion_<budget>.png` (classes sorted by accuracy; readable with 400).
 
 Numerics stay in models/ and pipeline/: this module only composes them. Evaluation is deterministic: test-mode
 sampling (centre / middle of segments, fixed views), no randomness anywhere.
@@ -392,10 +397,10 @@ def decode_chunk(row: dict[str, Any], spec: dict[str, Any], decoder: str = "auto
 
 
 class Predictor:
-    """Ray Data actor (callable class): the model, run on one chunk at every budget; views' logits averaged."""
+    """Ray Data actor (callable class): the model, run on one chunk at every budget; views fused (softmax mean)."""
 
     def __init__(self, meta: dict[str, Any], state: list, budgets: list[list[float]], topk: int = TOPK,
-                 threads: int | None = None, device: str = "auto", max_clips: int = 64):
+                 threads: int | None = None, device: str = "auto", max_clips: int = 64, keep_scores: bool = False):
         import ray
         import torch
 
@@ -416,6 +421,8 @@ class Predictor:
         self.budgets = [tuple(b) for b in budgets]
         self.topk = min(topk, m["num_classes"])
         self.max_clips = max_clips
+        self.keep_scores = keep_scores
+        self.num_classes = int(m["num_classes"])
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """uint8 tokens (M, L, K) -> logits (budgets, M, C). The chunk goes to the device once (on CUDA through
@@ -441,31 +448,41 @@ class Predictor:
         return torch.stack(per_budget).cpu().numpy()  # (budgets, M, C)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from models.metrics import fuse_views
+
         out: dict[str, list] = {"chunk": [], "top_ids": [], "top_probs": [], "views": [], "errors": [],
                                 "decode_s": [], "model_s": []}
+        if self.keep_scores:
+            out["scores"] = []
+        C = self.num_classes
         for r in range(len(batch["chunk"])):
             views = np.asarray(batch["views"][r], np.int64)  # (n,)
             n, B, k = len(views), len(self.budgets), self.topk
             top_ids = np.full((n, B, k), -1, np.int32)
             top_probs = np.zeros((n, B, k), np.float32)
+            scores = np.zeros((n, B, C), np.float32) if self.keep_scores else None
             t0 = time.perf_counter()
             ok = views > 0
             if ok.any():
                 tokens = batch["tokens"][r]  # (M, L, K), M = sum(views)
                 bounds = np.concatenate([[0], np.cumsum(views[ok])])
-                all_logits = self.logits(tokens)  # (budgets, M, C)
+                all_logits = torch.from_numpy(self.logits(tokens))  # (budgets, M, C)
                 for b in range(B):
                     lg = all_logits[b]  # (M, C)
-                    mean = np.stack([lg[bounds[i] : bounds[i + 1]].mean(0) for i in range(len(bounds) - 1)])
-                    mean = mean - mean.max(1, keepdims=True)  # (n_ok, C) softmax of the averaged logits
-                    p = np.exp(mean)
-                    p /= p.sum(1, keepdims=True)
+                    p = torch.cat([fuse_views(lg[bounds[i] : bounds[i + 1]][None])
+                                   for i in range(len(bounds) - 1)]).numpy()  # (n_ok, C) mean of view softmaxes
                     idx = np.argsort(-p, axis=1, kind="stable")[:, :k]  # (n_ok, k)
                     top_ids[ok, b] = idx
                     top_probs[ok, b] = np.take_along_axis(p, idx, 1)
+                    if scores is not None:
+                        scores[ok, b] = p
             out["chunk"].append(int(batch["chunk"][r]))
             out["top_ids"].append(top_ids)
             out["top_probs"].append(top_probs)
+            if scores is not None:
+                out["scores"].append(scores)
             out["views"].append(views.astype(np.int32))
             out["errors"].append(str(batch["errors"][r]))
             out["decode_s"].append(float(batch["decode_s"][r]))
@@ -476,10 +493,11 @@ class Predictor:
 # ============================================================================================ output
 
 
-def _schema():
+def _schema(num_classes: int | None = None):
+    """The predictions table; with num_classes (--save-scores) also `scores`, a fixed-size list of C float32."""
     import pyarrow as pa
 
-    return pa.schema([
+    schema = pa.schema([
         pa.field("path", pa.string()), pa.field("video_id", pa.string()), pa.field("label", pa.int32()),
         pa.field("label_name", pa.string()), pa.field("budget", pa.string()), pa.field("e_c", pa.float64()),
         pa.field("capacities", pa.list_(pa.float64())), pa.field("gflops_per_view", pa.float64()),
@@ -489,6 +507,7 @@ def _schema():
         pa.field("top1_correct", pa.bool_()), pa.field("top5_correct", pa.bool_()),
         pa.field("error_stage", pa.string()), pa.field("error", pa.string()),
     ])
+    return schema.append(pa.field("scores", pa.list_(pa.float32(), num_classes))) if num_classes else schema
 
 
 def chunk_table(videos: list[dict[str, Any]], result: dict[str, Any], budgets: list[Budget],
@@ -498,7 +517,9 @@ def chunk_table(videos: list[dict[str, Any]], result: dict[str, Any], budgets: l
 
     errors = json.loads(result["errors"])
     top_ids, top_probs, views = result["top_ids"], result["top_probs"], result["views"]
-    rows: dict[str, list] = {f.name: [] for f in _schema()}
+    scores = result.get("scores")  # (n, budgets, C) with --save-scores
+    schema = _schema(len(labels) if scores is not None else None)
+    rows: dict[str, list] = {f.name: [] for f in schema}
     for i, v in enumerate(videos):
         err = errors[i]
         for b, bud in enumerate(budgets):
@@ -519,6 +540,8 @@ def chunk_table(videos: list[dict[str, Any]], result: dict[str, Any], budgets: l
                 rows["views"].append(0)
                 rows["error_stage"].append(err[0])
                 rows["error"].append(err[1])
+                if scores is not None:  # C null items (a null fixed-size list does not read back in pyarrow 25)
+                    rows["scores"].append([None] * len(labels))
                 continue
             ids = [int(x) for x in top_ids[i, b]]
             rows["pred"].append(ids[0])
@@ -533,7 +556,9 @@ def chunk_table(videos: list[dict[str, Any]], result: dict[str, Any], budgets: l
             rows["views"].append(int(views[i]))
             rows["error_stage"].append(None)
             rows["error"].append(None)
-    return pa.Table.from_pydict(rows, schema=_schema())
+            if scores is not None:
+                rows["scores"].append(scores[i, b])
+    return pa.Table.from_pydict(rows, schema=schema)
 
 
 def write_parquet_atomic(table, path: Path) -> None:
@@ -567,47 +592,77 @@ def consolidate(parts_dir: Path, out: Path):
     return table
 
 
-def accuracy_report(table, budgets: list[Budget], labels: Sequence[str]) -> tuple[dict[str, Any], Any] | None:
-    """Top-1/top-5 per budget, overall and per class, over videos with a known label that could be read.
-    Returns (report dict, per-class pyarrow Table), or None when no video has a known label."""
+def accuracy_report(table, budgets: list[Budget], labels: Sequence[str]) -> tuple[dict[str, Any], Any, dict] | None:
+    """Top-1, top-5 and mean-class accuracy per budget, per class, and the confusion matrix (torchmetrics, via
+    models.metrics), over videos with a known label that could be read. The top-5 ranking each row kept is what
+    is scored (models.metrics.rank_scores). Returns (report dict, per-class pyarrow Table, {budget key: (C, C)
+    counts}), or None when no video has a known label."""
     import pyarrow as pa
+    import torch
 
-    df = table.select(["budget", "e_c", "label", "top1_correct", "top5_correct", "error", "gflops"]).to_pandas()
+    from models.metrics import ClassificationMetrics, rank_scores
+
+    df = table.select(["budget", "e_c", "label", "top5", "error", "gflops"]).to_pandas()
     labelled = df[df["label"] >= 0]
     if labelled.empty:
         return None
+    C = len(labels)
     rep: dict[str, Any] = {"budgets": []}
+    confusions: dict[str, Any] = {}
     pc_rows: dict[str, list] = {k: [] for k in ("budget", "e_c", "class_id", "class_name", "videos", "top1", "top5")}
     for bud in budgets:
         d = labelled[labelled["budget"] == bud.key]
         ok = d[d["error"].isna()]
         entry = {**bud.to_json(), "videos": int(len(ok)), "errors": int(d["error"].notna().sum()),
-                 "top1": float(ok["top1_correct"].astype(bool).mean()) if len(ok) else None,
-                 "top5": float(ok["top5_correct"].astype(bool).mean()) if len(ok) else None,
-                 "gflops_total": float(d["gflops"].sum())}
+                 "top1": None, "top5": None, "mean_class": None, "gflops_total": float(d["gflops"].sum())}
+        if len(ok):
+            meter = ClassificationMetrics(C)
+            top = torch.tensor(np.stack(ok["top5"].to_numpy()), dtype=torch.long)  # (N, k), best first
+            meter.update(rank_scores(top, C), torch.tensor(ok["label"].to_numpy(), dtype=torch.long))
+            r = meter.compute()
+            entry.update(top1=r["top1"], top5=r["top5"], mean_class=r["mean_class"])
+            confusions[bud.key] = r["confusion"].numpy()  # (C, C)
+            for c in torch.nonzero(r["support"]).flatten().tolist():
+                pc_rows["budget"].append(bud.key)
+                pc_rows["e_c"].append(bud.e_c)
+                pc_rows["class_id"].append(c)
+                pc_rows["class_name"].append(labels[c])
+                pc_rows["videos"].append(int(r["support"][c]))
+                pc_rows["top1"].append(float(r["per_class_top1"][c]))
+                pc_rows["top5"].append(float(r["per_class_top5"][c]))
         rep["budgets"].append(entry)
-        for c, g in ok.groupby("label"):
-            pc_rows["budget"].append(bud.key)
-            pc_rows["e_c"].append(bud.e_c)
-            pc_rows["class_id"].append(int(c))
-            pc_rows["class_name"].append(labels[int(c)] if 0 <= int(c) < len(labels) else str(c))
-            pc_rows["videos"].append(int(len(g)))
-            pc_rows["top1"].append(float(g["top1_correct"].astype(bool).mean()))
-            pc_rows["top5"].append(float(g["top5_correct"].astype(bool).mean()))
     per_class = pa.Table.from_pydict(pc_rows, schema=pa.schema([
         ("budget", pa.string()), ("e_c", pa.float64()), ("class_id", pa.int32()), ("class_name", pa.string()),
         ("videos", pa.int64()), ("top1", pa.float64()), ("top5", pa.float64())]))
-    return rep, per_class
+    return rep, per_class, confusions
+
+
+def write_confusions(confusions: dict[str, Any], labels: Sequence[str], out: Path) -> dict[str, Any]:
+    """OUT_STEM.confusion.parquet and one OUT_STEM.confusion_<budget>.png per budget; returns their paths."""
+    from jobs.report import confusion_png, confusion_table
+
+    stem = out.name[: -len(".parquet")] if out.name.endswith(".parquet") else out.name
+    table_path = out.with_name(f"{stem}.confusion.parquet")
+    write_parquet_atomic(confusion_table(confusions, list(labels)), table_path)
+    pngs = {}
+    for key, m in confusions.items():
+        png = out.with_name(f"{stem}.confusion_{key}.png")
+        tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
+        tmp.write_bytes(confusion_png(m, list(labels), f"{stem}: e_c = {key}"))
+        os.replace(tmp, png)
+        pngs[key] = str(png)
+    return {"table": str(table_path), "png": pngs}
 
 
 def format_report(rep: dict[str, Any], gflops_view: dict[str, float]) -> str:
-    head = f"{'budget':>8} {'e_c':>6} {'GFLOPs/view':>12} {'videos':>7} {'errors':>7} {'top-1':>7} {'top-5':>7}"
+    head = (f"{'budget':>8} {'e_c':>6} {'GFLOPs/view':>12} {'videos':>7} {'errors':>7} {'top-1':>7} {'top-5':>7} "
+            f"{'mean-class':>10}")
     lines = [head, "-" * len(head)]
     for b in rep["budgets"]:
-        t1 = f"{100 * b['top1']:6.2f}%" if b["top1"] is not None else "     -"
-        t5 = f"{100 * b['top5']:6.2f}%" if b["top5"] is not None else "     -"
+        t1, t5, mc = (f"{100 * b[k]:6.2f}%" if b.get(k) is not None else "     -" for k in ("top1", "top5",
+                                                                                          "mean_class"))
         lines.append(f"{b['budget']:>8} {b['e_c']:6.3f} {gflops_view[b['budget']]:12.4g} {b['videos']:7d} "
-                     f"{b['errors']:7d} {t1:>7} {t5:>7}")
+                     f"{b['errors']:7d} {t1:>7} {t5:>7} {mc:>10}")
     return "\n".join(lines)
 
 
@@ -620,9 +675,9 @@ def report_paths(out: Path) -> tuple[Path, Path]:
 
 
 def _checkpoint_identity(ckpt_dir: Path) -> dict[str, Any]:
-    from jobs.checkpoint import META_FILE, WEIGHTS_FILE
+    from jobs.checkpoint import META_FILE, weights_path
 
-    st = (ckpt_dir / WEIGHTS_FILE).stat()
+    st = weights_path(ckpt_dir).stat()
     return {"path": str(ckpt_dir.resolve()), "weights_bytes": st.st_size, "weights_mtime_ns": st.st_mtime_ns,
             "meta_sha1": hashlib.sha1((ckpt_dir / META_FILE).read_bytes()).hexdigest()}
 
@@ -705,6 +760,7 @@ def run_evaluation(
     overwrite: bool = False,
     progress: bool = True,
     address: str | None = None,
+    save_scores: bool = False,
     echo=print,
 ) -> dict[str, Any]:
     """Runs the evaluation; returns the summary dict (also printed as the final JSON line by the CLI)."""
@@ -740,6 +796,8 @@ def run_evaluation(
 
     parts_dir = out.with_name(out.name + PARTS_SUFFIX)
     sig = _signature(ckpt_dir, spec_dict, budgets, paths, batch_videos)
+    if save_scores:  # parts with and without the score column must not mix (absent: older parts stay valid)
+        sig["save_scores"] = True
     done = _prepare_parts(parts_dir, sig, overwrite, out)
     todo = [i for i in range(len(chunks)) if i not in done]
     n_done_before = sum(len(chunks[i]) for i in done if i < len(chunks))
@@ -753,7 +811,7 @@ def run_evaluation(
         _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_view, labels, stats,
                 batch_videos=batch_videos, actors=actors, actor_cpus=actor_cpus, threads=threads,
                 decode_cpus=decode_cpus, decoder=decoder, device=device, max_clips=max_clips, progress=progress,
-                total=len(rows), initial=n_done_before, address=address)
+                total=len(rows), initial=n_done_before, address=address, save_scores=save_scores)
     run_s = stats["run_s"]  # from the first task submitted to the last part written (Ray start-up excluded)
 
     final = consolidate(parts_dir, out)
@@ -776,7 +834,7 @@ def run_evaluation(
     }
     res = accuracy_report(final, budgets, labels)
     if res is not None:
-        rep, per_class = res
+        rep, per_class, confusions = res
         rep_path, pc_path = report_paths(out)
         rep.update({"checkpoint": str(ckpt_dir), "videos": str(videos), "split": split, "views": spec.num_views,
                     "num_videos": len(rows), "num_errors": summary["errors"], "predictions": str(out),
@@ -788,6 +846,8 @@ def run_evaluation(
         summary["per_class"] = str(pc_path)
         summary["top1"] = {b["budget"]: b["top1"] for b in rep["budgets"]}
         summary["top5"] = {b["budget"]: b["top5"] for b in rep["budgets"]}
+        summary["mean_class"] = {b["budget"]: b["mean_class"] for b in rep["budgets"]}
+        summary["confusion"] = write_confusions(confusions, labels, out)
     else:
         summary["report"] = None
     echo(f"evaluate: {summary['videos_this_run']} videos this run in {run_s:.1f}s "
@@ -841,7 +901,7 @@ def _model_actors(device: str, actors: int | None, chunks: int, echo=print):
 
 def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_view, labels, stats, *,
             batch_videos, actors, actor_cpus, threads, decode_cpus, decoder, device, max_clips, progress,
-            total, initial, address) -> None:
+            total, initial, address, save_scores=False) -> None:
     import logging
 
     import ray
@@ -866,7 +926,8 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
         compute=pool,
         fn_constructor_kwargs={"meta": ckpt.meta, "state": [state_ref],
                                "budgets": [list(b.capacities) for b in budgets], "threads": threads,
-                               "device": "cuda" if with_gpu else "cpu", "max_clips": max_clips},
+                               "device": "cuda" if with_gpu else "cpu", "max_clips": max_clips,
+                               "keep_scores": save_scores},
         batch_size=1,
         batch_format="numpy",
         num_cpus=actor_cpus,
@@ -880,7 +941,7 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             for r in range(len(batch["chunk"])):
                 cid = int(batch["chunk"][r])
-                res = {k: batch[k][r] for k in ("top_ids", "top_probs", "views", "errors")}
+                res = {k: batch[k][r] for k in ("top_ids", "top_probs", "views", "errors", "scores") if k in batch}
                 t = chunk_table(chunks[cid], res, budgets, gflops_view, labels)
                 write_parquet_atomic(t, parts_dir / f"part-{cid:05d}.parquet")
                 n_err = int(sum(1 for e in json.loads(res["errors"]) if e))
@@ -932,6 +993,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: one GPU per actor when the Ray cluster has GPUs or, autoscaling, can grow to them; "
                         "else CPU")
+    p.add_argument("--save-scores", action="store_true",
+                   help="keep each video's whole class-score vector per budget (column `scores`: the fused softmax "
+                        "probabilities, C float32) for ensembling")
     p.add_argument("--overwrite", action="store_true", help="discard parts of an earlier, different evaluation")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -944,6 +1008,7 @@ def main(args: argparse.Namespace) -> int:
             budgets_file=args.budgets_file, views=args.views, batch_videos=args.batch_videos, actors=args.actors,
             actor_cpus=args.actor_cpus, threads=args.threads, decode_cpus=args.decode_cpus, decoder=args.decoder,
             device=args.device, overwrite=args.overwrite, progress=args.progress, address=args.address,
+            save_scores=args.save_scores,
         )
     except EvaluateError as e:
         print(f"mone evaluate: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ Same code on a laptop and on a GPU cluster: only scaling.num_workers, scaling.us
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs import run_files
+from jobs import report, run_files, tracking
+from jobs.checkpoint import BEST_DIRNAME
 from jobs.config import ConfigError, TrainConfig, config_from_dict, dump_config, load_config
 from jobs.preflight import check_resources, cluster_capacity  # noqa: F401 - check_resources: tune/tests import it here
 
@@ -31,7 +33,7 @@ DS_SUBDIR = "deepspeed"  # inside a Ray checkpoint: DeepSpeed's own files (every
 DS_TAG = "state"
 STATE_FILE = "train_state.json"  # epoch, global step, metric history (rank 0)
 EMA_FILE = "ema.pt"  # the EMA of the weights (optim.ema_decay > 0), for resuming
-RAW_WEIGHTS_FILE = "model_raw.pt"  # in inference/ when EMA is on: model.pt holds the EMA, this the raw weights
+RAW_WEIGHTS_FILE = "model_raw.safetensors"  # with EMA on, beside the EMA weights
 
 
 # =========================================================================== driver
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["mone.dense=true"] if args.dense else [])
     try:
         cfg = load_config(args.config, overrides, check_paths=not args.dry_run)
+        if not args.dry_run:
+            tracking.preflight(cfg)  # an MLflow server named in the config must answer before Ray starts
     except (ConfigError, FileNotFoundError) as e:
         print(f"mone train: {e}")
         return 2
@@ -148,12 +152,19 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
     if history:
         plot = run_files.join(run_dir, "accuracy_vs_gflops.png")
         _plot_accuracy_vs_gflops(history, plot, cfg)
+    best_dir = run_files.join(run_dir, BEST_DIRNAME)
+    best_dir = best_dir if cfg.run.keep_best and run_files.exists(best_dir) else None
+    report_path = report.write_run_report(cfg, run_dir, history, data, best_dir=best_dir,
+                                          inference_dir=inference_dir if result.checkpoint else None)
     last = history[-1] if history else {}
     summary: dict[str, Any] = {
         "run_dir": run_dir,
         "checkpoint": inference_dir,
+        "best_checkpoint": best_dir,
         "ray_checkpoint": ckpt_dir,
         "plot": plot,
+        "report": report_path,
+        "tensorboard": run_files.join(run_dir, tracking.TB_DIRNAME),
         "num_classes": len(data.labels),
         "epochs": last.get("epoch", -1) + 1,
         "global_step": last.get("global_step", 0),
@@ -164,17 +175,23 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "val_views": cfg.data.val_views,  # the per-epoch validation below (last epoch)
     }
     for b in cfg.mone.val_budgets:
-        for key in (f"top1_ec{b}", f"top5_ec{b}", f"gmacs_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}",
-                    f"top1_ema_ec{b}"):
+        for key in (f"top1_ec{b}", f"top5_ec{b}", f"mean_class_ec{b}", f"gmacs_ec{b}", f"gflops_ec{b}",
+                    f"clips_per_s_ec{b}", f"top1_ema_ec{b}"):
             if key in last or not key.startswith("top1_ema"):
                 summary[key] = last.get(key)
     summary.update({k: v for k, v in last.items() if k.startswith(("top1_width", "gmacs_width"))})  # nested stage
     summary["views_per_clip"] = last.get("views_per_clip")
     summary["flops_convention"] = FLOPS_CONVENTION
+    if best_dir:
+        best = json.loads(run_files.read_text(run_files.join(best_dir, "inference.json")))
+        summary["best"] = {"metric": cfg.run.keep_best, "epoch": best["run"]["epoch"],
+                           "value": best.get("metrics", {}).get(cfg.run.keep_best)}
     if last.get(job_data.FINAL_EVAL):  # the full view protocol, once over the final weights
         summary[job_data.FINAL_EVAL] = last[job_data.FINAL_EVAL]
     print(f"[mone] done in {summary['wall_s']} s. run directory: {run_dir}\n"
-          f"[mone] inference checkpoint: {inference_dir}\n[mone] plot: {plot}\n"
+          f"[mone] inference checkpoint: {inference_dir}" + (f" (best {cfg.run.keep_best}: {best_dir})" if best_dir
+                                                              else "") + f"\n[mone] plot: {plot}\n"
+          f"[mone] report: {report_path}\n[mone] TensorBoard: tensorboard --logdir {summary['tensorboard']}\n"
           f"[mone] metrics: {run_files.join(run_dir, 'metrics.jsonl')}")
     print(_budget_table(last, cfg.mone.val_budgets))
     return summary
@@ -361,7 +378,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from jobs import data as job_data
     from jobs import optim as recipe
-    from jobs.checkpoint import find_inference_dir, save_inference
+    from jobs.checkpoint import find_inference_dir, is_best, save_inference
     from jobs.progress import RunPace, format_duration
     from models.capacity import capacities_for_budget, width_fractions
     from models.flops import model_flops
@@ -426,6 +443,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
+    tracker = tracking.open_tracker(cfg, loop["run_dir"], rank=rank, start_step=global_step)  # no-op off rank 0
 
     aug = cfg.data.augment  # mixup / cutmix on the token batch (models/mix.py); off by default
     mix_cfg = MixConfig(aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob)
@@ -486,6 +504,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                       f"[{stage}] loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"{rate:.1f} clips/s {ep.status()}", flush=True)
                 ep.warn_if_input_bound(lambda msg: print(msg, flush=True))
+                tracker.log_step(global_step, loss=loss.item(), lr=scheduler.get_last_lr()[0], e_c=e_c,
+                                 clips_per_s=rate, data_wait_s=ep.last_wait_s,
+                                 data_wait_fraction=ep.wait_fraction)
         train_time = time.time() - t_epoch
         if rank == 0:
             ep.warn_if_input_bound(lambda msg: print(msg, flush=True), force=True)
@@ -505,12 +526,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             extra += [(f"width{n}", net, c) for n, c in zip(width_names(n_widths), width_capacities(n_widths),
                                                              strict=True)]
         ema_entries = [] if ema is None else [(f"ema_ec{b}", ema_net, budget_arg(b)) for b in cfg.mone.val_budgets]
-        metrics.update(_validate(net, val_shard, cfg, device, budget_arg, model_flops, extra + ema_entries))
+        val_metrics, confusions = _validate(net, val_shard, cfg, device, budget_arg, model_flops, len(labels),
+                                            extra + ema_entries)
+        metrics.update(val_metrics)
         last_epoch = epoch == cfg.optim.epochs - 1
         if last_epoch and final_shard is not None:  # the full view protocol, once, over the final weights (+ EMA)
             metrics[job_data.FINAL_EVAL] = {"views": loop["final_views"], "weights": f"final (epoch {epoch + 1})",
                                             **_validate(net, final_shard, cfg, device, budget_arg, model_flops,
-                                                        ema_entries)}
+                                                        len(labels), ema_entries)[0]}
         history.append(metrics)
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
@@ -522,8 +545,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 + "".join(f", width {k[9:]}xD {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_width"))
                 + "".join(f", EMA@{k[12:]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_ema_ec")),
                 flush=True)
+            report.write_confusion(run_files.join(loop["run_dir"], report.VAL_CONFUSION_FILE), confusions, labels,
+                                   epoch=epoch)
+            tracker.log_epoch(global_step, metrics, functools.partial(
+                report.epoch_figures, history, cfg, confusions if last_epoch else None, labels))
+            if last_epoch:  # before the last report: Tune may end a trial's workers right after it
+                tracker.close()
 
-        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch:
+        # A best epoch (run.keep_best) is checkpointed too; rank 0 decides (train metrics differ between ranks).
+        best = _rank0_decides(bool(cfg.run.keep_best) and is_best(history, cfg.run.keep_best), device)
+        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch or best:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(os.path.join(tmp, DS_SUBDIR), tag=DS_TAG)  # every rank: its own shards
                 weights = full_fp32_state_dict(engine, keep=rank == 0)  # a collective: every rank takes part
@@ -539,16 +570,31 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                         clip=loop["eval_clip"], overrides=cfg.model.overrides,
                         extra={"train_budgets": budgets, "val_budgets": list(cfg.mone.val_budgets),
                                "dense": cfg.mone.dense, "run": {"name": cfg.run_name, "epoch": epoch,
-                                                                 "global_step": global_step},
+                                                                 "global_step": global_step}, "metrics": metrics,
                                "weights": "raw" if ema is None else f"ema (decay {cfg.optim.ema_decay})"},
                         extra_weights=None if ema is None else {RAW_WEIGHTS_FILE: raw},
                     )
+                    if best:  # best/ beside the latest inference/: the same files, kept until a better epoch
+                        run_files.upload_dir(Path(tmp, "inference"), run_files.join(loop["run_dir"], BEST_DIRNAME))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
         pace.end_epoch()
         if rank == 0 and not last_epoch:
             print(f"[mone] ETA run {format_duration(pace.eta_s())}", flush=True)
+    tracker.close()
+
+
+def _rank0_decides(flag: bool, device) -> bool:
+    """Rank 0's value of `flag` on every rank (a decision that leads to collectives must be the same everywhere)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, Any] | None:
@@ -589,10 +635,12 @@ def _unpartitioned_masters(engine) -> dict[int, Any]:
             for p, m in zip(lg, hg, strict=True) if m.numel() == p.numel()}
 
 
-def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops,
-              extra: list[tuple[str, Any, Any]] | None = None) -> dict[str, Any]:
-    """Top-1/top-5, FLOPs and clips/s at each validation budget, on one decode of the val set. `extra`:
-    more (key, net, capacities) entries on the same decode (nested widths, the EMA weights).
+def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops, num_classes: int,
+              extra: list[tuple[str, Any, Any]] | None = None) -> tuple[dict[str, Any], dict[float, Any]]:
+    """Top-1/top-5/mean-class accuracy (torchmetrics, every rank's counts summed), FLOPs and clips/s at each
+    validation budget, on one decode of the val set; also the confusion matrix (C, C) of each budget. `extra`:
+    more (key, net, capacities) entries on the same decode (nested widths, the EMA weights). Views are fused by
+    averaging their softmax probabilities (models.metrics.fuse_views).
 
     `net` is the module DeepSpeed wraps (engine.module): calling it runs DeepSpeed's hooks, which gather ZeRO-3's
     partitioned parameters, and it computes in the parameters' dtype (bf16 under DeepSpeed's bf16 mode).
@@ -602,13 +650,14 @@ def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops,
     import torch.distributed as dist
 
     from jobs import data as job_data
+    from models.metrics import ClassificationMetrics, fuse_views
 
-    entries = [(f"ec{b}", net, budget_arg(b)) for b in cfg.mone.val_budgets] + list(extra or [])
+    budgets = list(cfg.mone.val_budgets)
+    entries = [(f"ec{b}", net, budget_arg(b)) for b in budgets] + list(extra or [])
     for m in {id(m): m for _, m, _ in entries}.values():
         m.eval()
-    # Accumulated on the loop's device: no host sync per batch, and NCCL (no CPU backend) can reduce them.
-    counts = torch.zeros(len(entries), 3, dtype=torch.float64, device=device)  # (entry, [top1, top5, n])
-    seconds = torch.zeros(len(entries), dtype=torch.float64, device=device)
+    meters = [ClassificationMetrics(num_classes, device=device) for _ in entries]
+    seconds = torch.zeros(len(entries), dtype=torch.float64, device=device)  # on the device: NCCL can reduce it
     views = 1
     with torch.no_grad():
         for batch in job_data.iter_batches(val_shard, cfg.optim.batch_size, device, train=False):
@@ -617,31 +666,28 @@ def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops,
             flat = tokens.flatten(0, 1)  # (B*V, L, K)
             for i, (_, m, caps) in enumerate(entries):
                 t = time.perf_counter()
-                logits = m(flat, budget=caps)  # (B*V, classes)
-                logits = logits.float().view(B, views, -1).mean(1)  # multi-view: average logits
+                logits = m(flat, budget=caps)  # (B*V, C)
+                probs = fuse_views(logits.float().view(B, views, -1))  # (B, C)
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # clips/s needs the real end of the forward
                 seconds[i] += time.perf_counter() - t
-                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
-                hit = top5 == target[:, None]  # (B, 5)
-                counts[i, 0] += hit[:, 0].sum()
-                counts[i, 1] += hit.any(-1).sum()
-                counts[i, 2] += B
+                meters[i].update(probs, target)
+    results = [m.compute() for m in meters]  # collective: sums the counts of every rank
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
         dist.all_reduce(seconds)
         world = dist.get_world_size()
     else:
         world = 1
-    counts, seconds = counts.cpu(), seconds.cpu()
-    out: dict[str, Any] = {"val_clips": int(counts[0, 2].item()), "views_per_clip": views}
-    for i, (key, m, caps) in enumerate(entries):
-        n = max(1.0, counts[i, 2].item())
-        out[f"top1_{key}"] = counts[i, 0].item() / n
-        out[f"top5_{key}"] = counts[i, 1].item() / n
+    seconds = seconds.cpu()
+    out: dict[str, Any] = {"val_clips": results[0]["n"], "views_per_clip": views}
+    for i, ((key, m, caps), r) in enumerate(zip(entries, results, strict=True)):
+        n = max(1, r["n"])
+        out[f"top1_{key}"] = r["top1"]
+        out[f"top5_{key}"] = r["top5"]
+        out[f"mean_class_{key}"] = r["mean_class"]
         flops = model_flops(m.model.cfg, capacities=caps)  # per view, a multiply-add = 2
         out[f"gmacs_{key}"] = flops / 2e9
         out[f"gflops_{key}"] = views * flops / 1e9
         # Workers ran in parallel: clips per second of the whole group = n / mean worker time.
         out[f"clips_per_s_{key}"] = n / max(seconds[i].item() / world, 1e-9)
-    return out
+    return out, {b: r["confusion"] for b, r in zip(budgets, results, strict=False)}

@@ -705,7 +705,8 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
     if metric is None:
         vb = cfg.mone.val_budgets
         metric = f"top1_ec{0.3 if 0.3 in vb else vb[0]}"
-    known = {f"{k}_ec{b}" for b in cfg.mone.val_budgets for k in ("top1", "top5", "gflops")} | {"train_loss"}
+    per_budget = ("top1", "top5", "mean_class", "gflops")
+    known = {f"{k}_ec{b}" for b in cfg.mone.val_budgets for k in per_budget} | {"train_loss"}
     if metric not in known:
         raise TuneError(f"--metric {metric}: not reported by training; one of {', '.join(sorted(known))}")
     name = name or f"tune_{cfg.run_name}"

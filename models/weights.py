@@ -105,11 +105,11 @@ def _unwrap(sd: dict) -> dict[str, Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A state dict from .pt/.pth/.bin (torch.load, tensors only), .safetensors, or an inference checkpoint
-    directory (its model.pt)."""
+    """A state dict from .pt/.pth/.bin (torch.load, tensors only), .safetensors (timm's or ours), or an inference
+    checkpoint directory (its model.safetensors, or model.pt for checkpoints written before safetensors)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "model.pt"
+        p = next((p / n for n in ("model.safetensors", "model.pt") if (p / n).is_file()), p / "model.safetensors")
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if p.suffix == ".safetensors":

@@ -33,7 +33,7 @@ from jobs.evaluate import (  # noqa: E402
 from models.vit import get_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = {"budget": "0.3,1.0", "views": "2x3", "batch_videos": 4}
+ARGS = {"budget": "0.3,1.0", "views": "2x3", "batch_videos": 4, "save_scores": True}
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,8 @@ def uninterrupted(archive_ckpt, ray_cluster, tmp_path_factory):
 
 
 def direct_predictions(ckpt_dir: Path, archive: Path, budgets, views=(2, 3)):
-    """The same model and clips, in-process: pipeline.dataset.iter_clips + model.forward_tokens, views averaged."""
+    """The same model and clips, in-process: pipeline.dataset.iter_clips + model.forward_tokens; views fused as
+    VideoMAE does (each view's softmax, then the mean)."""
     import torch
 
     from jobs.checkpoint import load_inference
@@ -173,8 +174,8 @@ def direct_predictions(ckpt_dir: Path, archive: Path, budgets, views=(2, 3)):
         for item in iter_clips(manifest, spec, errors=errors, max_error_fraction=None):
             x = torch.from_numpy(item["tokens"])  # (V, L, K)
             for b in budgets:
-                logits = ckpt.model.forward_tokens(x, budget=b.capacities).mean(0)  # (C,)
-                preds[(item["path"], b.key)] = (torch.softmax(logits, -1).numpy(), item["label"])
+                logits = ckpt.model.forward_tokens(x, budget=b.capacities)  # (V, C)
+                preds[(item["path"], b.key)] = (torch.softmax(logits, -1).mean(0).numpy(), item["label"])
     return preds, {e.path for e in errors}
 
 
@@ -199,6 +200,12 @@ def test_evaluate_matches_direct_evaluation(uninterrupted, archive_ckpt):
         assert list(row.top5) == list(top), row.path
         np.testing.assert_allclose(row.top5_probs, probs[top], rtol=1e-4, atol=1e-6)
         assert row.label == label
+        # --save-scores: the whole fused score vector; it gives the reported prediction and top-5.
+        np.testing.assert_allclose(row.scores, probs, rtol=1e-4, atol=1e-6)
+        assert int(np.argmax(row.scores)) == row.pred and list(np.argsort(-row.scores, kind="stable")[:3]) == \
+            list(row.top5)
+    assert pq.read_schema(out).field("scores").type == pa.list_(pa.float32(), 3)  # fixed-size: C classes
+    assert all(np.isnan(v).all() for v in errs.scores)  # unreadable: no scores (nulls, NaN in pandas)
     # Accuracy per budget = the direct one; report files next to the output.
     rep = json.loads(out.with_name("preds.report.json").read_text())
     for b in rep["budgets"]:
@@ -208,6 +215,20 @@ def test_evaluate_matches_direct_evaluation(uninterrupted, archive_ckpt):
         assert summary["top1"][b["budget"]] == pytest.approx(np.mean(direct))
     per_class = pd_read(out.with_name("preds.per_class.parquet"))
     assert len(per_class) == 3 * len(budgets) and (per_class.videos == 8).all()
+    # Mean-class accuracy: the mean of the per-class top-1 (8 videos in each of the 3 classes).
+    for b in rep["budgets"]:
+        direct = {}
+        for (_, key), (p, lab) in preds.items():
+            if key == b["budget"]:
+                direct.setdefault(lab, []).append(int(np.argmax(p) == lab))
+        assert b["mean_class"] == pytest.approx(np.mean([np.mean(v) for v in direct.values()]))
+    # Confusion matrix per budget: sums to the number of readable labelled videos; its diagonal is the top-1 count.
+    conf = pd_read(out.with_name("preds.confusion.parquet"))
+    for b in rep["budgets"]:
+        c = conf[conf.budget == b["budget"]]
+        assert c["count"].sum() == 24 == b["videos"]
+        assert c.loc[c.true_id == c.pred_id, "count"].sum() == round(b["top1"] * 24)
+        assert out.with_name(f"preds.confusion_{b['budget']}.png").stat().st_size > 10_000
     assert summary["errors"] == 3 and summary["videos"] == 27
     assert summary["gflops_total"] == pytest.approx(df.gflops.sum(), rel=1e-6)
     # GFLOPs spent: e_c 0.3 costs less than dense, per view times 6 views.
@@ -233,7 +254,7 @@ def test_killed_run_resumes_to_the_identical_table(uninterrupted, archive_ckpt, 
     parts = tmp_path / "preds.parquet.parts"
     cmd = [sys.executable, "-m", "jobs.evaluate", "--checkpoint", str(ckpt.parent), "--videos", str(archive),
            "--budget", ARGS["budget"], "--views", ARGS["views"], "--batch-videos", str(ARGS["batch_videos"]),
-           "--out", str(out), "--no-progress"]
+           "--out", str(out), "--no-progress", "--save-scores"]
     # Connects to this module's Ray; the throttle (the driver waits 2 s after each part) makes the kill land midway.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled", "MONE_EVAL_THROTTLE_S": "2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -342,7 +342,7 @@ def test_submit_tiny_train_then_a_failing_one(ray_head, tmp_path):
     assert rc == 0, f"{err}\n{out[-4000:]}"
     assert summary["status"] == "SUCCEEDED"
     run_dir = storage / "submit_test"
-    assert (run_dir / "inference" / "model.pt").is_file()
+    assert (run_dir / "inference" / "model.safetensors").is_file()
     assert Path(summary["result"]["checkpoint"]) == run_dir / "inference"
     rc, out, err, _ = mone("jobs", "logs", summary["submission_id"], "--address", ray_head)
     assert rc == 0 and str(run_dir) in out

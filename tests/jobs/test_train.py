@@ -188,7 +188,9 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     # EMA on: the inference checkpoint holds the EMA weights (as saved for resuming), the raw ones beside them.
     assert ck.meta["weights"].startswith("ema")
     ema = torch.load(Path(summary["ray_checkpoint"]) / "ema.pt", weights_only=True)
-    raw = torch.load(ck.path / "model_raw.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    raw = load_file(ck.path / "model_raw.safetensors")
     for k, v in ck.model.state_dict().items():
         torch.testing.assert_close(v, ema[f"module.{k}"], msg=k)
     assert any(not torch.equal(v, raw[k]) for k, v in ck.model.state_dict().items())

@@ -226,7 +226,16 @@ def test_train_search_asha_end_to_end_and_resume(ray_cluster, tmp_path):
     assert len(run_dirs) == 2 and all((d / "config.yaml").is_file() for d in run_dirs)
     # every trial leaves its latest inference checkpoint in its run directory, for `mone tune budgets`/evaluate
     assert (Path(best["checkpoint"]) / "inference.json").is_file()
-    assert all((d / "inference" / "model.pt").is_file() for d in run_dirs)
+    assert all((d / "inference" / "model.safetensors").is_file() for d in run_dirs)
+    # every trial writes TensorBoard event files: step loss and the top-1 of each validation budget per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for d in run_dirs:
+        acc = EventAccumulator(str(d / "tensorboard"))
+        acc.Reload()
+        epochs = len((d / "metrics.jsonl").read_text().splitlines())
+        assert "train/loss" in acc.Tags()["scalars"], d
+        assert all(len(acc.Scalars(f"val/top1_ec{b}")) == epochs for b in (0.3, 1.0)), d
 
     again = tune_train("tiny_cpu", overrides, space, trials=2, name="search", max_concurrent=1, verbose=0)
     assert again["resumed"] and again["trials"] == 2 and again["best"]["trial_id"] == best["trial_id"]

@@ -107,3 +107,28 @@ def test_load_pretrained_from_files(timm, tmp_path):
     torch.testing.assert_close(video_tiny.spatial_norm.weight, ours_vit.head.norm.weight)
     with pytest.raises(FileNotFoundError):
         load_pretrained(video_tiny, tmp_path / "missing.pt")
+
+
+def test_load_pretrained_reads_safetensors(timm, tmp_path):
+    """Our inference checkpoints (a directory with model.safetensors, or model.pt before safetensors), a bare
+    .safetensors file, and timm's safetensors all load."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = create_model("vivit_tiny", num_classes=4).eval()
+    src.alpha.data.fill_(0.3)
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "legacy").mkdir()
+    save_file(src.state_dict(), str(tmp_path / "ours" / "model.safetensors"))
+    torch.save(src.state_dict(), tmp_path / "legacy" / "model.pt")
+    x = torch.randn(1, 3, 8, 64, 64)
+    for source in (tmp_path / "ours", tmp_path / "ours" / "model.safetensors", tmp_path / "legacy"):
+        dst = create_model("vivit_tiny", num_classes=4).eval()
+        assert load_pretrained(dst, source) == [], source
+        with torch.no_grad():
+            torch.testing.assert_close(dst(x, 0.3), src(x, 0.3))
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file(vit.state_dict(), str(tmp_path / "timm.safetensors"))
+    video = create_model("vivit_ti16", num_classes=4, img_size=32, num_frames=4)
+    assert "blocks.0.attn.qkv.weight" not in load_pretrained(video, tmp_path / "timm.safetensors")
+    torch.testing.assert_close(video.blocks[3].mlp.fc1.weight, vit.blocks[3].mlp.fc1.weight)
