@@ -1,4 +1,4 @@
-"""`mone submit` and `mone jobs`: run train / tune / evaluate on a Ray cluster through Ray's Job Submission API.
+"""`mone submit` and `mone jobs`: run train / tune / evaluate / prepare on a Ray cluster (Ray's Job Submission API).
 
     mone submit train --address http://HEAD:8265 --follow -- --config k400_vivit_b16 data.root=s3://bucket/k400
     mone jobs list | status ID [--wait] | logs ID [--follow] | stop ID
@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-SUBMIT_COMMANDS = ("train", "tune", "evaluate")
+SUBMIT_COMMANDS = ("train", "tune", "evaluate", "prepare")
+# Submitted names whose `mone` command is longer (`mone submit prepare` runs `mone data prepare`).
+COMMAND_WORDS = {"prepare": ("data", "prepare")}
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 LOG_TAIL_LINES = 40
 # Never uploaded with the job (gitwildmatch patterns, relative to the working dir, as Ray applies them).
@@ -172,7 +174,10 @@ def prepare_job_args(command: str, args: list[str], working_dir: Path, storage: 
 
 
 def storage_warning(command: str, args: list[str]) -> str | None:
-    """A warning when `train` would write its run under the job's temporary working dir on the cluster."""
+    """A warning when `train` would write its run (or `prepare` read or write an archive) under the job's
+    temporary working dir on the cluster."""
+    if command == "prepare":
+        return _prepare_paths_warning(args)
     if command != "train":
         return None
     storage = _override_value(args, "run.storage_path")
@@ -196,11 +201,32 @@ def storage_warning(command: str, args: list[str]) -> str | None:
     )
 
 
+def _prepare_paths_warning(args: list[str]) -> str | None:
+    import contextlib
+    import io
+
+    from jobs.prepare import add_arguments
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ns, _ = parser.parse_known_args(args)
+        except SystemExit:  # the job itself reports bad arguments; this is only a hint
+            return None
+    relative = [f"{name} {value}" for name, value in (("SRC", ns.src), ("--out", ns.out))
+                if "://" not in value and not value.startswith("~") and not Path(value).is_absolute()]
+    if not relative:
+        return None
+    return (f"{' and '.join(relative)}: relative paths resolve inside the job's temporary working directory on the "
+            "cluster; give absolute paths on storage that every node mounts at the same place (NFS, EFS, ...)")
+
+
 def build_entrypoint(command: str, args: list[str]) -> str:
     """`python -u -m jobs.cli COMMAND ARGS...`, shell-quoted: works where the deps are installed but `mone` is not.
 
     -u: unbuffered, so `mone jobs logs --follow` shows progress as it is printed."""
-    return shlex.join(["python", "-u", "-m", "jobs.cli", command, *args])
+    return shlex.join(["python", "-u", "-m", "jobs.cli", *COMMAND_WORDS.get(command, (command,)), *args])
 
 
 def build_runtime_env(
@@ -626,7 +652,7 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     submit = subparsers.add_parser(
         "submit",
-        help="run train / tune / evaluate on a Ray cluster (Ray Job Submission)",
+        help="run train / tune / evaluate / prepare on a Ray cluster (Ray Job Submission)",
         description=(
             "Upload this project and run `mone COMMAND ARGS...` as a Ray job on a cluster. Everything after `--` "
             "is passed to the command exactly as for a local run."
@@ -636,11 +662,12 @@ def register(subparsers) -> None:
     )
     sub = submit.add_subparsers(dest="submit_command", metavar="COMMAND", required=True)
     for command in SUBMIT_COMMANDS:
+        words = " ".join(COMMAND_WORDS.get(command, (command,)))
         p = sub.add_parser(
             command,
-            help=f"submit `mone {command} ...`",
-            usage=f"mone submit {command} [options] -- [mone {command} arguments ...]",
-            description=f"Submit `python -m jobs.cli {command} ARGS...` to a Ray cluster; ARGS come after `--`.",
+            help=f"submit `mone {words} ...`",
+            usage=f"mone submit {command} [options] -- [mone {words} arguments ...]",
+            description=f"Submit `python -m jobs.cli {words} ARGS...` to a Ray cluster; ARGS come after `--`.",
         )
         _add_address(p)
         p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 if it FAILED/STOPPED")
@@ -666,7 +693,7 @@ def register(subparsers) -> None:
         p.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the job's driver (default 0)")
         # Escape hatch for debugging a cluster (and for tests): run this shell command instead of `mone COMMAND`.
         p.add_argument("--entrypoint", help=argparse.SUPPRESS)
-        p.add_argument("args", nargs="*", metavar="ARGS", help=f"arguments of `mone {command}` (after --)")
+        p.add_argument("args", nargs="*", metavar="ARGS", help=f"arguments of `mone {words}` (after --)")
         p.set_defaults(func=run_submit)
 
     jobs = subparsers.add_parser(
