@@ -33,7 +33,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,9 @@ def check_plan_file(dst_root: Path, record: dict, *, write: bool) -> None:
             raise PrepareError(f"--out {dst_root} was prepared with other settings ({'; '.join(diff)}); give another "
                                "--out, or delete it to start over")
         return
+    if dst_root.is_dir() and any(dst_root.iterdir()):
+        raise PrepareError(f"--out {dst_root} is not empty and was not made by `mone data prepare` (no {PLAN_FILE}); "
+                           "give a new or empty folder")
     if write:
         from pipeline.annotations import write_atomic
 
@@ -340,6 +343,8 @@ def _stream(todo: list[Video], fn_kwargs: dict, *, cpus_per_video: float, concur
 
     _ray_init(address)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress bar replaces Ray Data's chatter
+    logging.getLogger("ray.data._internal.progress").addFilter(
+        lambda record: "Progress bars disabled" not in record.getMessage())  # ours is on
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     items = [{"src": v.src, "dst": v.dst} for v in todo]
@@ -384,8 +389,7 @@ def run_prepare(src: str | os.PathLike, out: str | os.PathLike, *, short_side: i
     throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
     fn_kwargs = {"settings": settings.to_json(), "run_id": run_id, "dry_run": dry_run, "throttle_s": throttle,
                  "crash_marker": os.environ.get(CRASH_ENV, "")}
-    rows: list[dict] = []
-    failures: list[dict] = []
+    tally = _Tally()
     budget = int(max_error_fraction * len(videos) + 1e-9)
     if todo:
         _ray_init(address)
@@ -396,22 +400,22 @@ def run_prepare(src: str | os.PathLike, out: str | os.PathLike, *, short_side: i
         try:
             for row in _stream(todo, fn_kwargs, cpus_per_video=cpus_per_video, concurrency=concurrency,
                                address=address):
-                rows.append(row)
+                tally.add(row, keep_plan=dry_run)
                 if row["status"] == "failed":
-                    failures.append(row)
-                    bar.set_postfix(failed=len(failures), refresh=False)
+                    bar.set_postfix(failed=len(tally.failures), refresh=False)
                 bar.update(1)
-                if len(failures) > budget and not dry_run:
+                if len(tally.failures) > budget and not dry_run:
                     break
         finally:
             bar.close()
     run_s = time.perf_counter() - t_run
+    failures = tally.failures
     missing = [{"path": p, "stage": "open", "error": MISSING_ERROR} for p in m.missing]
     errors = sorted([{"path": r["src"], "stage": r["stage"], "error": r["error"]} for r in failures] + missing,
                     key=lambda e: e["path"])
 
     if dry_run:
-        return _dry_run_summary(rows, videos, skipped, m, dst_root, settings, t_start, echo)
+        return _dry_run_summary(tally, videos, skipped, m, dst_root, settings, t_start, echo)
 
     if len(failures) > budget:
         _write_errors(errors, dst_root)
@@ -430,22 +434,16 @@ def run_prepare(src: str | os.PathLike, out: str | os.PathLike, *, short_side: i
     ann = _write_annotations(m, src_root, dst_root, kept)
     errors_path = _write_errors(errors, dst_root)
 
-    written = [r for r in rows if r["status"] == "written"]
-    skipped_now = [r for r in rows if r["status"] == "skipped"]  # finished by an earlier attempt of a block
-    n_skipped = len(skipped) + len(skipped_now)
-    bytes_before = sum(r["bytes_in"] for r in written + skipped_now)
-    bytes_before += sum(os.path.getsize(v.src) for v in skipped)
+    bytes_before = tally.bytes_in + sum(os.path.getsize(v.src) for v in skipped)
     bytes_after = sum(final[v.dst] for v in kept)
-    actions = Counter(r["action"] for r in written)
-    why = Counter(w for r in written if r["why"] for w in r["why"].split(","))
-    sample = _speed_sample(kept, written, speed_sample)
+    sample = _speed_sample(kept, speed_sample)
     speed = decode_speed(sample, short_side) if sample else {"clips": 0}
     summary: dict[str, Any] = {
         "src": str(src_root), "out": str(dst_root), "layout": m.layout,
-        "videos": len(videos), "written": len(written), "skipped": n_skipped, "failed": len(failures),
-        "missing": len(m.missing),
-        "encoded": actions.get("encode", 0), "remuxed": actions.get("remux", 0), "copied": actions.get("copy", 0),
-        "encoded_because": dict(sorted(why.items())),
+        "videos": len(videos), "written": tally.written, "skipped": len(skipped) + tally.skipped,
+        "failed": len(failures), "missing": len(m.missing),
+        "encoded": tally.actions.get("encode", 0), "remuxed": tally.actions.get("remux", 0),
+        "copied": tally.actions.get("copy", 0), "encoded_because": dict(sorted(tally.why.items())),
         "bytes_before": bytes_before, "bytes_after": bytes_after,
         "size_ratio": round(bytes_after / bytes_before, 4) if bytes_before else None,
         "decode_sample": speed.get("clips", 0),
@@ -456,21 +454,50 @@ def run_prepare(src: str | os.PathLike, out: str | os.PathLike, *, short_side: i
         "files_not_copied": ann.skipped, "leftovers_removed": swept,
         "errors_file": str(errors_path), "settings": settings.to_json(),
         "seconds": round(time.perf_counter() - t_start, 2),
-        "videos_per_s": round(len(rows) / run_s, 3) if rows and run_s > 0 else None,
+        "videos_per_s": round(tally.results / run_s, 3) if tally.results and run_s > 0 else None,
     }
     echo(format_summary(summary), file=sys.stderr)
     return summary
 
 
-def _speed_sample(kept: list[Video], written: list[dict], k: int) -> list[tuple[str, str]]:
-    """Up to k (source, prepared) pairs, evenly spread over the sorted archive; re-encoded videos first (copies
-    decode at the same speed by construction)."""
-    if k <= 0:
+@dataclass
+class _Tally:
+    """What the driver keeps of the result rows: counts and sums, the failures (and, for --dry-run, each plan);
+    never every row (an archive has up to ~10^6 videos)."""
+
+    results: int = 0
+    written: int = 0
+    skipped: int = 0  # finished by an earlier attempt of the same block
+    bytes_in: int = 0  # sources of the videos written or skipped here
+    actions: Counter = field(default_factory=Counter)
+    why: Counter = field(default_factory=Counter)
+    failures: list[dict] = field(default_factory=list)
+    plans: dict[str, tuple[str, str]] = field(default_factory=dict)  # src -> (action or "fail", why)
+
+    def add(self, row: dict, keep_plan: bool) -> None:
+        self.results += 1
+        status = row["status"]
+        if status == "failed":
+            self.failures.append({k: row[k] for k in ("src", "stage", "error")})
+        elif status in ("written", "skipped", "planned"):
+            self.written += status == "written"
+            self.skipped += status == "skipped"
+            self.bytes_in += row["bytes_in"]
+            if status != "skipped":
+                self.actions[row["action"]] += 1
+                self.why.update(w for w in row["why"].split(",") if w and row["action"] == "encode")
+        if keep_plan:
+            self.plans[row["src"]] = (("fail", f"{row['stage']}: {row['error']}") if status == "failed"
+                                      else (row["action"], row["reason"]))
+
+
+def _speed_sample(kept: list[Video], k: int) -> list[tuple[str, str]]:
+    """Up to k (source, prepared) pairs, evenly spread over the sorted archive (whatever was done to them: the
+    figure is the archive's, copies included)."""
+    if k <= 0 or not kept:
         return []
-    encoded = {r["src"] for r in written if r["action"] == "encode"}
-    pool = [v for v in kept if v.src in encoded] or kept
-    step = max(1, len(pool) // k)
-    return [(v.src, v.dst) for v in pool[::step][:k]]
+    step = max(1, len(kept) // k)
+    return [(v.src, v.dst) for v in kept[::step][:k]]
 
 
 def _write_annotations(m, src_root: Path, dst_root: Path, kept: list[Video]):
@@ -503,29 +530,21 @@ def _write_errors(errors: list[dict], dst_root: Path) -> Path:
     return path
 
 
-def _dry_run_summary(rows, videos, skipped, m, dst_root, settings, t_start, echo) -> dict[str, Any]:
+def _dry_run_summary(tally: _Tally, videos, skipped, m, dst_root, settings, t_start, echo) -> dict[str, Any]:
     """--dry-run: one line per video on stdout (ACTION<TAB>SRC<TAB>DST<TAB>WHY), sorted by source path."""
-    by_src = {r["src"]: r for r in rows}
+    out = sys.stdout
     for v in videos:
-        r = by_src.get(v.src)
-        if r is None:
-            print(f"done\t{v.src}\t{v.dst}\talready in DST", flush=False)
-        elif r["status"] == "failed":
-            print(f"fail\t{v.src}\t{v.dst}\t{r['stage']}: {r['error']}", flush=False)
-        else:
-            print(f"{r['action']}\t{v.src}\t{v.dst}\t{r['reason']}", flush=False)
-    sys.stdout.flush()
-    planned = [r for r in rows if r["status"] == "planned"]
-    actions = Counter(r["action"] for r in planned)
-    why = Counter(w for r in planned if r["why"] for w in r["why"].split(","))
+        action, why = tally.plans.get(v.src, ("done", "already in DST"))
+        out.write(f"{action}\t{v.src}\t{v.dst}\t{why}\n")
+    out.flush()
     summary = {
         "src": m.root, "out": str(dst_root), "layout": m.layout, "dry_run": True, "videos": len(videos),
-        "done": len(skipped), "encode": actions.get("encode", 0), "remux": actions.get("remux", 0),
-        "copy": actions.get("copy", 0), "encoded_because": dict(sorted(why.items())),
-        "unreadable": sum(1 for r in rows if r["status"] == "failed"), "missing": len(m.missing),
-        "bytes_to_read": sum(r["bytes_in"] for r in planned), "settings": settings.to_json(),
-        "seconds": round(time.perf_counter() - t_start, 2),
+        "done": len(skipped), "encode": tally.actions.get("encode", 0), "remux": tally.actions.get("remux", 0),
+        "copy": tally.actions.get("copy", 0), "encoded_because": dict(sorted(tally.why.items())),
+        "unreadable": len(tally.failures), "missing": len(m.missing), "bytes_to_read": tally.bytes_in,
+        "settings": settings.to_json(), "seconds": round(time.perf_counter() - t_start, 2),
     }
+    why = summary["encoded_because"]
     echo(f"dry run: {summary['encode']} to encode ({', '.join(f'{k} {v}' for k, v in why.items()) or '-'}), "
          f"{summary['remux']} to remux, {summary['copy']} to copy, {summary['done']} already done, "
          f"{summary['unreadable']} unreadable, {summary['missing']} missing; nothing was written", file=sys.stderr)

@@ -71,6 +71,9 @@ def test_bad_arguments_are_one_line_errors_before_any_task(k400_src, tmp_path, c
     assert "--layout 'kinetics': expected one of auto, k400" in _one_line_error(
         capsys, [str(src), "--out", str(tmp_path / "o"), "--layout", "kinetics"])
     assert "no annotation file found" in _one_line_error(capsys, [str(tmp_path), "--out", str(tmp_path.parent / "x")])
+    (tmp_path / "full" / "a").mkdir(parents=True)
+    assert "is not empty and was not made by `mone data prepare`" in _one_line_error(
+        capsys, [str(src), "--out", str(tmp_path / "full")])
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
