@@ -354,7 +354,8 @@ def _stream(todo: list[Video], fn_kwargs: dict, *, cpus_per_video: float, concur
 
 
 def run_prepare(src: str | os.PathLike, out: str | os.PathLike, *, short_side: int = 320, fps: float | None = None,
-                gop: int = 16, crf: int = 23, preset: str = "veryfast", layout: str = "auto",
+                gop: int = 16, crf: int = 23, preset: str = "veryfast", tune: str | None = "fastdecode",
+                layout: str = "auto",
                 max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION, dry_run: bool = False,
                 cpus_per_video: float = 1.0, concurrency: int | None = None, speed_sample: int = 8,
                 address: str | None = None, progress: bool = True, echo=print) -> dict[str, Any]:
@@ -366,7 +367,8 @@ def run_prepare(src: str | os.PathLike, out: str | os.PathLike, *, short_side: i
     from pipeline.reencode import EncodeSettings
 
     t_start = time.perf_counter()
-    settings = EncodeSettings(short_side=short_side, fps=fps, gop=gop, crf=crf, preset=preset)
+    tune = None if tune in (None, "", "none") else tune
+    settings = EncodeSettings(short_side=short_side, fps=fps, gop=gop, crf=crf, preset=preset, tune=tune)
     src_root, dst_root = check_arguments(src, out, settings, layout, max_error_fraction)
     try:
         m = build_manifest(src_root, layout)
@@ -595,6 +597,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crf", type=int, default=23, help="x264 quality: 0 lossless .. 51 worst (default %(default)s)")
     p.add_argument("--preset", default="veryfast",
                    help="x264 preset, ultrafast .. veryslow: encoding speed vs size (default %(default)s)")
+    p.add_argument("--tune", default="fastdecode",
+                   help="x264 tune; fastdecode (default) costs a few %% more bytes for ~25-35%% less decoding CPU; "
+                        "none for x264's default")
     p.add_argument("--layout", default="auto",
                    help="auto | k400 | ssv2 | folders | list (default %(default)s: detected)")
     p.add_argument("--max-error-fraction", type=float, default=DEFAULT_MAX_ERROR_FRACTION,
@@ -616,7 +621,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = run_prepare(
             args.src, args.out, short_side=args.short_side, fps=args.fps, gop=args.gop, crf=args.crf,
-            preset=args.preset, layout=args.layout, max_error_fraction=args.max_error_fraction,
+            preset=args.preset, tune=args.tune, layout=args.layout, max_error_fraction=args.max_error_fraction,
             dry_run=args.dry_run, cpus_per_video=args.cpus_per_video, concurrency=args.concurrency,
             speed_sample=args.speed_sample, address=args.address, progress=args.progress,
         )

@@ -67,6 +67,8 @@ def test_settings_problems_name_the_option():
     assert "--crf 60" in EncodeSettings(crf=60).problems()[0]
     assert "--preset 'quick'" in EncodeSettings(preset="quick").problems()[0]
     assert "--fps 0" in EncodeSettings(fps=0).problems()[0]
+    assert "--tune 'fast': expected none or one of fastdecode" in EncodeSettings(tune="fast").problems()[0]
+    assert EncodeSettings(tune=None).problems() == []
 
 
 def test_large_video_is_resized_deterministically_with_short_keyframe_intervals(tmp_path):
