@@ -199,8 +199,8 @@ class _Attempts:
     video. Ray re-runs a task whose worker died; after MAX_ATTEMPTS starts the video is recorded as an error
     instead of crashing the worker again (Ray Data retries dead tasks forever). Removed when the task ends."""
 
-    def __init__(self, dst: str, run_id: str):
-        self.path, self.run_id = dst + ATTEMPTS_SUFFIX, run_id
+    def __init__(self, path: str, run_id: str):
+        self.path, self.run_id = path, run_id
 
     def start(self) -> int:
         """Records a start; returns how many earlier starts of this run died."""
@@ -221,6 +221,17 @@ class _Attempts:
             os.remove(self.path)
 
 
+def _attempts_path(dst: str, src: str, run_id: str, dry_run: bool) -> str:
+    """Beside the output (shared storage: seen by a retry on any node); --dry-run writes nothing to DST, so its
+    markers go to the node's temp folder (a best effort: a retry on another node does not see them)."""
+    if not dry_run:
+        return dst + ATTEMPTS_SUFFIX
+    import tempfile
+    import zlib
+
+    return os.path.join(tempfile.gettempdir(), f"mone-prepare-{run_id}-{zlib.crc32(src.encode()):08x}{ATTEMPTS_SUFFIX}")
+
+
 def prepare_row(video: dict, *, settings: dict, run_id: str, dry_run: bool = False, throttle_s: float = 0.0,
                 crash_marker: str = "") -> dict[str, Any]:
     """Ray Data map function: one video -> one result row (never raises for a bad video)."""
@@ -232,6 +243,15 @@ def prepare_row(video: dict, *, settings: dict, run_id: str, dry_run: bool = Fal
     t0 = time.perf_counter()
     attempts = None
     try:
+        if not dry_run and os.path.exists(dst):  # an earlier attempt of this task (several videos per block) did it
+            return _result(video, "skipped", bytes_in=os.path.getsize(src), bytes_out=os.path.getsize(dst))
+        # Before anything opens the file: a native crash can happen as early as reading its header.
+        attempts = _Attempts(_attempts_path(dst, src, run_id, dry_run), run_id)
+        died = attempts.start()
+        if died >= MAX_ATTEMPTS:
+            return _result(video, "failed", stage="crash", error=CRASH_ERROR.format(n=died))
+        if crash_marker and crash_marker in src:
+            os.abort()
         info = probe_source(src)
         if needs_keyframe_check(info, s):
             info = probe_source(src, keyframes=True)
@@ -240,14 +260,6 @@ def prepare_row(video: dict, *, settings: dict, run_id: str, dry_run: bool = Fal
             return _result(video, "planned", action=plan.action, reason=plan.reason, why=",".join(plan.why),
                            src_size=f"{info.width}x{info.height}", dst_size=f"{plan.width}x{plan.height}",
                            bytes_in=os.path.getsize(src), seconds=time.perf_counter() - t0)
-        if os.path.exists(dst):  # an earlier attempt of this task (several videos per block) finished it
-            return _result(video, "skipped", bytes_in=os.path.getsize(src), bytes_out=os.path.getsize(dst))
-        attempts = _Attempts(dst, run_id)
-        died = attempts.start()
-        if died >= MAX_ATTEMPTS:
-            return _result(video, "failed", stage="crash", error=CRASH_ERROR.format(n=died))
-        if crash_marker and crash_marker in src:
-            os.abort()
 
         def pause(tmp: str) -> None:
             time.sleep(throttle_s)
