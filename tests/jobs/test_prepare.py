@@ -184,8 +184,11 @@ def test_too_many_unreadable_videos_stop_the_job_naming_them(ssv2_src, ray_clust
     src, corrupt = ssv2_src
     dst = tmp_path / "strict"
     rc = data_cmd.main(["prepare", str(src), "--out", str(dst), "--no-progress", "--max-error-fraction", "0.05"])
-    err = capsys.readouterr().err
+    cap = capsys.readouterr()
+    err = cap.err
     assert rc == 1 and "> --max-error-fraction 5.0%" in err and "Worst files:" in err
+    last = json.loads(cap.out.strip().splitlines()[-1])
+    assert last["error"] == "too many unreadable videos" and last["failed"] >= 2
     assert any(p in err for p in corrupt) and "Re-run the same command to continue" in err
     errors = pq.read_table(dst / ERRORS_FILE).to_pylist()
     assert errors and {e["path"] for e in errors} <= corrupt
