@@ -60,8 +60,8 @@ class EncodeSettings:
     gop: int = 16  # keyframe interval, frames
     crf: int = 23  # x264 constant rate factor: 0 lossless, 23 default, 51 worst
     preset: str = "veryfast"  # x264 speed/size trade-off; decoding speed does not depend on it much
-    # fastdecode (no CABAC, no deblocking, no weighted prediction): measured on 720p footage prepared at 256, about a
-    # third less decoding time per clip for ~7 % more bytes (benchmarks/prepare_speed.py). None: x264's default.
+    # fastdecode (no CABAC, no deblocking, no weighted prediction): on generated 720p videos prepared at 256, about
+    # a third less decoding time per clip for ~7 % more bytes (benchmarks/prepare_speed.py). None: x264's default.
     tune: str | None = "fastdecode"
 
     def problems(self) -> list[str]:
