@@ -1,4 +1,5 @@
-"""`mone data synth` and `mone data check`: make a synthetic dataset; audit a real one before training."""
+"""`mone data synth`, `mone data check` and `mone data prepare`: make a synthetic dataset; audit a real one before
+training; re-encode a raw archive into a training-ready copy (jobs/prepare.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ DURATION_BINS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, float("inf"))
 
 def register(subparsers) -> None:
     data = subparsers.add_parser(
-        "data", help="synthetic datasets and dataset checks",
+        "data", help="synthetic datasets, dataset checks, re-encoding an archive for training",
         description="Generate a synthetic video dataset in the official Kinetics-400 / Something-Something-v2 "
-                    "layouts, or check a dataset folder (files found, missing, unreadable; durations, fps, sizes).",
+                    "layouts, check a dataset folder (files found, missing, unreadable; durations, fps, sizes), or "
+                    "prepare a raw archive for training (re-encoded to a short side on Ray, resumably).",
     )
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
@@ -67,6 +69,21 @@ def register(subparsers) -> None:
     c.add_argument("--errors-out", default=None, help="also write the unreadable files as errors.parquet here")
     c.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
     c.set_defaults(func=run_check)
+
+    from jobs import prepare
+
+    p = sub.add_parser(
+        "prepare", help="re-encode a raw archive into a training-ready copy (short side N, H.264), on Ray",
+        description="A Ray Data job, one task per video, on every node of the cluster: each video is decoded, "
+                    "resized to --short-side (aspect kept), optionally resampled to --fps, and encoded as H.264 "
+                    "yuv420p .mp4 with a keyframe every --gop frames; videos already small are copied or remuxed. "
+                    "DST keeps SRC's layout and annotation files (rows of unreadable videos left out, listed in "
+                    "DST/prepare_errors.parquet), so it is a drop-in data.root. Re-run the same command to resume.",
+        epilog="e.g. mone data prepare /data/kinetics400 --out /data/k400_256 --short-side 256; on a cluster: "
+               "mone submit prepare --follow -- /mnt/k400 --out /mnt/k400_256 --short-side 256",
+    )
+    prepare.add_arguments(p)
+    p.set_defaults(func=prepare.main)
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
 

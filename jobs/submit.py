@@ -1,4 +1,4 @@
-"""`mone submit` and `mone jobs`: run train / tune / evaluate on a Ray cluster through Ray's Job Submission API.
+"""`mone submit` and `mone jobs`: run train / tune / evaluate / prepare on a Ray cluster (Ray's Job Submission API).
 
     mone submit train --address http://HEAD:8265 --follow -- --config k400_vivit_b16 data.root=s3://bucket/k400
     mone jobs list | status ID [--wait] | logs ID [--follow] | stop ID
@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-SUBMIT_COMMANDS = ("train", "tune", "evaluate", "smoke")
+SUBMIT_COMMANDS = ("train", "tune", "evaluate", "prepare", "smoke")
+# Submitted names whose `mone` command is longer (`mone submit prepare` runs `mone data prepare`).
+COMMAND_WORDS = {"prepare": ("data", "prepare")}
 # Not `mone` commands: scripts of the project a job runs the same way (`mone submit smoke`: benchmarks/gpu_smoke.py).
 SCRIPT_COMMANDS = {"smoke": "benchmarks/gpu_smoke.py"}
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -174,7 +176,10 @@ def prepare_job_args(command: str, args: list[str], working_dir: Path, storage: 
 
 
 def storage_warning(command: str, args: list[str]) -> str | None:
-    """A warning when `train` would write its run under the job's temporary working dir on the cluster."""
+    """A warning when `train` would write its run (or `prepare` read or write an archive) under the job's
+    temporary working dir on the cluster."""
+    if command == "prepare":
+        return _prepare_paths_warning(args)
     if command != "train":
         return None
     storage = _override_value(args, "run.storage_path")
@@ -198,13 +203,34 @@ def storage_warning(command: str, args: list[str]) -> str | None:
     )
 
 
+def _prepare_paths_warning(args: list[str]) -> str | None:
+    import contextlib
+    import io
+
+    from jobs.prepare import add_arguments
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ns, _ = parser.parse_known_args(args)
+        except SystemExit:  # the job itself reports bad arguments; this is only a hint
+            return None
+    relative = [f"{name} {value}" for name, value in (("SRC", ns.src), ("--out", ns.out))
+                if "://" not in value and not value.startswith("~") and not Path(value).is_absolute()]
+    if not relative:
+        return None
+    return (f"{' and '.join(relative)}: relative paths resolve inside the job's temporary working directory on the "
+            "cluster; give absolute paths on storage that every node mounts at the same place (NFS, EFS, ...)")
+
+
 def build_entrypoint(command: str, args: list[str]) -> str:
     """`python -u -m jobs.cli COMMAND ARGS...`, shell-quoted: works where the deps are installed but `mone` is not.
 
     -u: unbuffered, so `mone jobs logs --follow` shows progress as it is printed."""
     if command in SCRIPT_COMMANDS:
         return shlex.join(["python", "-u", SCRIPT_COMMANDS[command], *args])
-    return shlex.join(["python", "-u", "-m", "jobs.cli", command, *args])
+    return shlex.join(["python", "-u", "-m", "jobs.cli", *COMMAND_WORDS.get(command, (command,)), *args])
 
 
 def build_runtime_env(
@@ -632,7 +658,7 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     submit = subparsers.add_parser(
         "submit",
-        help="run train / tune / evaluate (or the GPU smoke test) on a Ray cluster (Ray Job Submission)",
+        help="run train / tune / evaluate / prepare (or the GPU smoke test) on a Ray cluster (Ray Job Submission)",
         description=(
             "Upload this project and run `mone COMMAND ARGS...` as a Ray job on a cluster. Everything after `--` "
             "is passed to the command exactly as for a local run."
@@ -642,7 +668,8 @@ def register(subparsers) -> None:
     )
     sub = submit.add_subparsers(dest="submit_command", metavar="COMMAND", required=True)
     for command in SUBMIT_COMMANDS:
-        what = f"python {SCRIPT_COMMANDS[command]}" if command in SCRIPT_COMMANDS else f"mone {command}"
+        words = " ".join(COMMAND_WORDS.get(command, (command,)))
+        what = f"python {SCRIPT_COMMANDS[command]}" if command in SCRIPT_COMMANDS else f"mone {words}"
         p = sub.add_parser(
             command,
             help=f"submit `{what} ...`" + (" (the GPU smoke test; its driver takes 1 GPU)" if command == "smoke"

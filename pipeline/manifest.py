@@ -390,7 +390,7 @@ def from_list_files(list_paths: Sequence[str | os.PathLike], root: str | os.Path
     for lp in list_paths:
         lp = Path(lp).resolve()
         split = _split_from_filename(lp.stem)
-        bases = [lp.parent, root, root / "videos", lp.parent.parent / "videos", root / "data"]
+        bases = list_bases(lp, root)
         for n, line in enumerate(lp.read_text().splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -430,6 +430,11 @@ def from_list_files(list_paths: Sequence[str | os.PathLike], root: str | os.Path
         start, end = _times_from_stem(stem)
         rows.append((str(hit.resolve()), li, name, _video_id(stem), start, end, split))
     return _finish(rows, names, missing, "list", root)
+
+
+def list_bases(list_file: Path, root: Path) -> list[Path]:
+    """The folders a relative path in `list_file` is looked up in, first match wins."""
+    return [list_file.parent, root, root / "videos", list_file.parent.parent / "videos", root / "data"]
 
 
 _LIST_LINE = re.compile(r"^(?P<path>.*?\.(?:" + "|".join(e[1:] for e in VIDEO_EXTS) + r"))\s+(?P<label>.+)$", re.I)

@@ -86,6 +86,22 @@ def test_storage_option_and_warning():
     assert submit.storage_warning("train", ["run.storage_path=/mnt/nfs/runs"]) is None
 
 
+def test_prepare_is_submitted_as_mone_data_prepare():
+    args = _parser().parse_args(
+        ["submit", "prepare", "--address", "http://head:8265", "--", "/mnt/k400", "--out", "/mnt/k400_256",
+         "--short-side", "256"]
+    )  # fmt: skip
+    job_args = submit.prepare_job_args(args.submit_command, args.args, ROOT, storage="s3://ignored/runs")
+    assert shlex.split(submit.build_entrypoint("prepare", job_args)) == [
+        "python", "-u", "-m", "jobs.cli", "data", "prepare", "/mnt/k400", "--out", "/mnt/k400_256", "--short-side",
+        "256",
+    ]  # fmt: skip
+    assert submit.storage_warning("prepare", job_args) is None
+    # Relative archive paths would resolve inside the job's temporary working directory on the cluster.
+    warning = submit.storage_warning("prepare", ["data/k400", "--out", "/mnt/k400_256"])
+    assert "SRC data/k400" in warning and "relative" in warning and "--out" not in warning
+
+
 def test_local_config_file_is_made_relative_to_the_upload(tmp_path):
     inside = ROOT / "jobs" / "configs" / "tiny_cpu.yaml"
     assert submit.prepare_job_args("train", ["--config", str(inside)], ROOT, None) == [
@@ -354,3 +370,25 @@ def test_submit_tiny_train_then_a_failing_one(ray_head, tmp_path):
     assert rc == 1 and summary["status"] == "FAILED"
     assert "unknown variant 'nope'" in summary["log_tail"]  # config validation, reported from the cluster
     assert "last 40 log lines" in err and "unknown variant 'nope'" in err
+
+
+@pytest.mark.slow
+def test_submit_prepare_runs_on_the_cluster(ray_head, tmp_path):
+    missing = _cli_modules_missing()
+    if missing:
+        pytest.skip(f"the job runs `python -m jobs.cli data prepare`, which needs every CLI module; missing: {missing}")
+    from pipeline.synth import generate
+
+    src = tmp_path / "k400"
+    generate(src, "k400", classes=2, videos_per_class=2, val_videos_per_class=1, test_videos_per_class=0, corrupt=1,
+             width=64, height=48, frames=8, workers=1, progress=False)
+    dst = tmp_path / "k400_32"
+    rc, out, err, summary = mone(
+        "submit", "prepare", "--address", ray_head, "--wait",
+        "--", str(src), "--out", str(dst), "--short-side", "32", "--max-error-fraction", "0.5", "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, f"{err}\n{out[-4000:]}"
+    assert summary["status"] == "SUCCEEDED" and summary["entrypoint"].startswith("python -u -m jobs.cli data prepare")
+    result = summary["result"]  # the job's own final JSON line
+    assert (result["out"], result["written"], result["failed"]) == (str(dst), 6, 1)
+    assert len(list(dst.rglob("*.mp4"))) == 6 and (dst / "prepare_errors.parquet").is_file()
