@@ -392,7 +392,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
 
     budgets = [1.0] if cfg.mone.dense else list(cfg.mone.train_budgets)
-    probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
+    from models.budgets import budget_probabilities
+
+    probs = budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 

@@ -82,6 +82,7 @@ def test_isoflops_probabilities():
     assert budget_probabilities(budgets, None) == pytest.approx([1 / 9] * 9)
     p = np.asarray(budget_probabilities(budgets, 0.4))
     assert p.sum() == pytest.approx(1.0) and p @ budgets == pytest.approx(0.4, abs=1e-9) and p.min() > 0
+    assert list(p) == sorted(p, reverse=True)  # below the mean budget of 0.55: cheaper budgets drawn more often
     with pytest.raises(ValueError, match="outside the training budgets"):
         budget_probabilities(budgets, 0.1)
 
