@@ -340,7 +340,7 @@ def tune_cascade(checkpoint: str | os.PathLike, *, levels: str | Sequence[float]
 
     t0 = time.time()
     try:
-        ckpt_dir = find_inference_dir(checkpoint)
+        ckpt_dir = find_inference_dir(checkpoint).resolve()
     except FileNotFoundError as e:
         raise EvaluateError(f"--checkpoint: {e}") from None
     ckpt = load_inference(ckpt_dir)
@@ -374,8 +374,11 @@ def tune_cascade(checkpoint: str | os.PathLike, *, levels: str | Sequence[float]
     budgets = resolve_budgets(cfg, len(labels), budget=",".join(map(str, all_values)))
     echo(f"[cascade] every budget ({', '.join(b.key for b in budgets)}) on {table.num_rows} videos of {root} "
          f"({split or 'all'})", file=sys.stderr, flush=True)
+    def aside(*a, **k):  # evaluate's own table covers every video: keep stdout for the held-out figures
+        echo(*a, **{**k, "file": sys.stderr})
+
     ev = run_evaluation(ckpt_dir, manifest, out / "levels.parquet", budget=",".join(map(str, all_values)),
-                        overwrite=overwrite, progress=progress, address=address, echo=echo)
+                        overwrite=overwrite, progress=progress, address=address, echo=aside)
     import pyarrow.parquet as pq
 
     preds = pq.read_table(out / "levels.parquet")
@@ -408,6 +411,8 @@ def tune_cascade(checkpoint: str | os.PathLike, *, levels: str | Sequence[float]
     plot_cascade(fixed, fits, chosen, plot, f"{cfg.name}: cascade {'/'.join(b.key for b in level_budgets)} vs fixed "
                  f"budgets, {len(held)} held-out videos")
     echo(format_cascade(fits, chosen, fixed, len(cal), len(held), max_drop))
+    echo(f"[cascade] {path} (apply it: mone evaluate --cascade {path} ...), plot {plot}; outputs in {out}",
+         file=sys.stderr, flush=True)
     return {"cascade": str(path), "plot": str(plot), "out": str(out), "checkpoint": str(ckpt_dir),
             "predictions": ev["out"], "videos": len(sub.paths), "calibration_videos": int(len(cal)),
             "heldout_videos": int(len(held)), "confidence": chosen, "thresholds": fit["thresholds"],

@@ -366,7 +366,7 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
 
     t0 = time.time()
     targets = _parse_targets(budgets)
-    ckpt_dir = find_inference_dir(checkpoint)
+    ckpt_dir = find_inference_dir(checkpoint).resolve()  # trials run in their own working directories
     ckpt = load_inference(ckpt_dir)
     model, labels = ckpt.model, list(ckpt.labels)
     E = model.cfg.num_experts

@@ -86,7 +86,7 @@ def ray_cluster(tmp_path_factory):
 
 
 def decodes(log: Path) -> Counter:
-    counts = Counter(log.read_text().split()) if log.exists() else Counter()
+    counts = Counter(log.read_text().splitlines()) if log.exists() else Counter()  # class folders have spaces
     log.write_text("")
     return counts
 

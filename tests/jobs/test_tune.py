@@ -97,7 +97,7 @@ def tiny_ckpt(tmp_path_factory):
     return ckpt, root
 
 
-def test_budget_search_holds_out_a_report_part(ray_cluster, tiny_ckpt, tmp_path, capsys):
+def test_budget_search_holds_out_a_report_part(ray_cluster, tiny_ckpt, tmp_path, capsys, monkeypatch):
     import pandas as pd
 
     from jobs.cli import main
@@ -107,8 +107,10 @@ def test_budget_search_holds_out_a_report_part(ray_cluster, tiny_ckpt, tmp_path,
     from pipeline.manifest import read_manifest
 
     ckpt, root = tiny_ckpt
-    # the CLI (in-process: the module's Ray); no --data: the dataset recorded in inference.json is used
-    assert main(["tune", "budgets", "--checkpoint", str(ckpt.parent), "--budgets", "0.2,0.3", "--trials", "6",
+    # the CLI (in-process: the module's Ray); no --data: the dataset recorded in inference.json is used; a relative
+    # --checkpoint (trials run in other working directories)
+    monkeypatch.chdir(ckpt.parent.parent)
+    assert main(["tune", "budgets", "--checkpoint", ckpt.parent.name, "--budgets", "0.2,0.3", "--trials", "6",
                  "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "heuristic top-1" in printed and "report part: 8 held-out clips" in printed
