@@ -145,7 +145,7 @@ class CascadePredictor(Predictor):
         from models.budgets import confidence, runs_level
 
         out: dict[str, list] = {k: [] for k in ("chunk", "top_ids", "top_probs", "views", "errors", "decode_s",
-                                                "model_s", "cascade_level", "confidence", "spent")}
+                                                "model_s", "cascade_level", "confidence", "spent_view")}
         L = len(self.levels)
         for r in range(len(batch["chunk"])):
             t0 = time.perf_counter()
@@ -155,7 +155,7 @@ class CascadePredictor(Predictor):
             top_probs = np.zeros((n, 1, k), np.float32)
             level = np.full(n, -1, np.int32)
             conf = np.full(n, np.nan, np.float32)
-            spent = np.zeros(n)  # FLOPs per video, every level it went through
+            spent_view = np.zeros(n)  # FLOPs per view of each video, summed over the levels it went through
             pending = np.flatnonzero(views > 0)  # videos that were read
             if len(pending):
                 tokens = batch["tokens"][r]  # (M, L, K), M = sum(views)
@@ -167,7 +167,7 @@ class CascadePredictor(Predictor):
                     sub = np.concatenate([tokens[starts[i] : starts[i + 1]] for i in pending])  # (M', L, K)
                     ids, probs = self._level(caps, sub, views[pending])  # (P, k) each
                     c = confidence(probs, self.kind)  # (P,)
-                    spent[pending] += self.gflops_view[lv] * views[pending]
+                    spent_view[pending] += self.gflops_view[lv]
                     answer = np.ones(len(pending), bool) if last else c >= self.thresholds[lv]
                     done = pending[answer]
                     top_ids[done, 0], top_probs[done, 0] = ids[answer], probs[answer]
@@ -185,7 +185,7 @@ class CascadePredictor(Predictor):
             out["model_s"].append(time.perf_counter() - t0)
             out["cascade_level"].append(level)
             out["confidence"].append(conf)
-            out["spent"].append(spent)
+            out["spent_view"].append(spent_view)
         return out
 
 
@@ -202,16 +202,16 @@ def cascade_table(videos: list[dict[str, Any]], result: dict[str, Any], cascade:
 
     t = chunk_table(videos, result, [cascade.budget()], [0.0], labels)
     level = np.asarray(result["cascade_level"])  # (n,) -1: unreadable
-    spent = np.asarray(result["spent"]) / 1e9  # (n,) GFLOPs
-    views = np.asarray(result["views"])
-    ok = level >= 0
+    per_view = np.asarray(result["spent_view"])  # (n,) FLOPs per view; 0 when unreadable
+    views = np.asarray(result["views"])  # (n,)
     lv = [cascade.levels[i] if i >= 0 else None for i in level.tolist()]
     cols = {
         "e_c": pa.array([b.e_c if b else None for b in lv], pa.float64()),
         "capacities": pa.array([list(b.capacities) if b else [] for b in lv], pa.list_(pa.float64())),
-        "gflops_per_view": pa.array(np.where(ok, spent / np.maximum(views, 1), 0.0), pa.float64()),
-        "gflops": pa.array(spent, pa.float64()),
+        "gflops_per_view": pa.array(per_view / 1e9, pa.float64()),
+        "gflops": pa.array(per_view * views / 1e9, pa.float64()),  # as chunk_table counts a fixed budget
     }
+    ok = level >= 0
     for name, col in cols.items():
         t = t.set_column(t.column_names.index(name), name, col)
     t = t.append_column("cascade_level", pa.array(np.where(ok, level, 0), pa.int32(), mask=~ok))
