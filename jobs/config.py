@@ -296,10 +296,14 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_budget(e_c: float, path: str) -> None:
-    # Below 1/8 no capacity split exists: every token already sits on the D/8 expert.
-    if not (0.125 < e_c <= 1.0):
-        raise ConfigError(f"{path}: budget e_c={e_c} is out of range; effective capacity must be in (0.125, 1.0]")
+def _check_budgets(value: float | list[float], path: str) -> None:
+    from models.budgets import ec_range, parse_budget_list
+
+    lo, hi = ec_range()  # below 1/8 no capacity split exists: every token already sits on the D/8 expert
+    try:
+        parse_budget_list(value, what=path, low=lo, high=hi)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _choice(value: str, allowed: tuple[str, ...], path: str) -> None:
@@ -352,11 +356,9 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     m = cfg.mone
     if not m.train_budgets:
         raise ConfigError("mone.train_budgets is empty: give at least one budget, e.g. [0.3]")
-    for i, b in enumerate(m.train_budgets):
-        _check_budget(b, f"mone.train_budgets[{i}]")
-    for i, b in enumerate(m.val_budgets):
-        _check_budget(b, f"mone.val_budgets[{i}]")
-    _check_budget(m.isoflops_target, "mone.isoflops_target")
+    _check_budgets(m.train_budgets, "mone.train_budgets")
+    _check_budgets(m.val_budgets, "mone.val_budgets")
+    _check_budgets(m.isoflops_target, "mone.isoflops_target")
     if m.dense_epochs < 0:  # more than optim.epochs simply means a dense run (short test runs of a MoNE config)
         raise ConfigError(f"mone.dense_epochs={m.dense_epochs} must be >= 0")
     o = cfg.optim

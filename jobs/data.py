@@ -37,36 +37,6 @@ class PreparedData:
         return self.val_manifest.num_rows
 
 
-def budget_probabilities(budgets: list[float], target: float | None) -> list[float]:
-    """Sampling probabilities over the training budgets.
-
-    `target=None`: uniform (the paper). Otherwise the isoFLOPs schedule: the maximum-entropy distribution
-    p_i ∝ exp(λ e_i) whose mean budget is `target`, so the expected compute per step equals that of a model
-    trained at e_c = target while every budget is still seen.
-    """
-    import numpy as np
-
-    e = np.asarray(budgets, dtype=np.float64)
-    if target is None or len(e) == 1:
-        return [1.0 / len(e)] * len(e)
-    if not e.min() <= target <= e.max():
-        raise ValueError(f"isoflops target {target} is outside the training budgets [{e.min()}, {e.max()}]")
-
-    def mean(lam: float) -> tuple[float, np.ndarray]:
-        w = np.exp(lam * (e - e.mean()))
-        p = w / w.sum()
-        return float(p @ e), p
-
-    lo, hi = -200.0, 200.0  # mean(λ) is increasing in λ: bisection
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mean(mid)[0] < target:
-            lo = mid
-        else:
-            hi = mid
-    return mean(0.5 * (lo + hi))[1].tolist()
-
-
 def split_config():
     """Every dataset is split across workers with equal row counts (Ray's streaming_split(equal=True)):
     with drop_last, every rank takes the same number of steps, so no collective waits on a missing rank."""

@@ -25,6 +25,8 @@ Output, next to `--out`:
 - When labels are known (counted with torchmetrics, models.metrics): `OUT_STEM.report.json` (top-1, top-5 and
   mean-class accuracy per budget), `OUT_STEM.per_class.parquet`, `OUT_STEM.confusion.parquet` (budget, true, pred,
   count; non-zero cells) and `OUT_STEM.confusion_<budget>.png` (classes sorted by accuracy; readable with 400).
+- With `--cascade cascade.json` (jobs/cascade.py): one row per video, budget "cascade", which level answered
+  (`cascade_level`, its e_c and capacities, its `confidence`) and the GFLOPs spent by every level it went through.
 
 Numerics stay in models/ and pipeline/: this module only composes them. Evaluation is deterministic: test-mode
 sampling (centre / middle of segments, fixed views), no randomness anywhere.
@@ -75,32 +77,24 @@ def _fmt_ec(e: float) -> str:
     return f"{e:.4f}".rstrip("0").rstrip(".") if not float(e).is_integer() else f"{e:.1f}"
 
 
-def parse_floats(text: str | Sequence[float] | None, what: str) -> list[float]:
-    if text is None:
-        return []
-    items = text if isinstance(text, (list, tuple)) else [s for s in str(text).replace(" ", ",").split(",") if s]
-    out = []
-    for s in items:
-        try:
-            v = float(s)
-        except ValueError:
-            raise EvaluateError(f"{what}: '{s}' is not a number (e.g. {what} 0.2,0.3,1.0)") from None
-        if not math.isfinite(v):
-            raise EvaluateError(f"{what}: '{s}' is not a finite number")
-        out.append(v)
-    return out
+def parse_budget_values(text: str | float | Sequence[float] | None, what: str = "--budget",
+                        num_experts: int = 4) -> list[float]:
+    """e_c values from a list such as "0.2,0.3,1.0" (models.budgets.parse_budget_list over (1/2^(E-1), 1])."""
+    from models.budgets import ec_range, parse_budget_list
+
+    lo, hi = ec_range(num_experts)
+    try:
+        return parse_budget_list(text, what=what, low=lo, high=hi,
+                                 hint=f"1.0 = dense; below {lo:g} every token already sits on the smallest expert; "
+                                 f"e.g. {what} 0.3")
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
 
 
 def budget_from_ec(e_c: float, num_experts: int = 4, *, what: str = "--budget") -> Budget:
     from models.capacity import capacities_for_budget
 
-    lo = 2.0 ** -(num_experts - 1)
-    if not lo < e_c <= 1.0 + 1e-9:
-        raise EvaluateError(
-            f"{what} {e_c:g}: an effective capacity must be in ({lo:g}, 1.0] (1.0 = dense; below {lo:g} every token "
-            f"already sits on the smallest expert). Use e.g. {what} 0.3"
-        )
-    e_c = min(float(e_c), 1.0)
+    (e_c,) = parse_budget_values(float(e_c), what, num_experts)
     try:
         caps = capacities_for_budget(e_c, num_experts)
     except ValueError as e:
@@ -199,7 +193,14 @@ def resolve_budgets(model_cfg, num_classes: int, *, budget: str | None = None, g
         if budgets_file:
             raise EvaluateError("--gflops picks e_c from the model's FLOPs; it cannot be combined with --budgets")
         out = []
-        for g in parse_floats(gflops, "--gflops"):
+        from models.budgets import parse_budget_list
+
+        try:
+            values = parse_budget_list(gflops, what="--gflops", low=0.0, high=math.inf, include_high=False,
+                                       quantity="GFLOPs", range_name="a compute budget")
+        except ValueError as e:
+            raise EvaluateError(str(e)) from None
+        for g in values:
             e = ec_for_gflops(model_cfg, g, num_classes)
             b = budget_from_ec(e, E, what="--gflops")
             out.append(Budget(b.key, b.e_c, b.capacities, "gflops"))
@@ -209,14 +210,14 @@ def resolve_budgets(model_cfg, num_classes: int, *, budget: str | None = None, g
         if not budget:
             return table
         picked = []
-        for e in parse_floats(budget, "--budget"):
+        for e in parse_budget_values(budget, "--budget", E):
             hit = [b for b in table if abs(b.e_c - e) < 1e-6]
             if not hit:
                 raise EvaluateError(f"--budget {e:g} is not in --budgets {budgets_file} (it has "
                                     f"{', '.join(b.key for b in table)}); drop --budget to run them all")
             picked.append(hit[0])
         return _dedupe(picked)
-    values = parse_floats(budget, "--budget") if budget else list(default)
+    values = parse_budget_values(budget, "--budget", E) if budget else list(default)
     return _dedupe([budget_from_ec(e, E) for e in values])
 
 
@@ -761,6 +762,7 @@ def run_evaluation(
     progress: bool = True,
     address: str | None = None,
     save_scores: bool = False,
+    cascade: str | os.PathLike | None = None,
     echo=print,
 ) -> dict[str, Any]:
     """Runs the evaluation; returns the summary dict (also printed as the final JSON line by the CLI)."""
@@ -784,8 +786,18 @@ def run_evaluation(
         raise EvaluateError(f"--checkpoint {ckpt_dir}: its clip spec ({spec.num_frames} frames, {spec.crop_size} px) "
                             f"does not match the model ({cfg.num_frames} frames, {cfg.img_size} px); re-export it")
     default = _default_budgets(ckpt.meta)
-    budgets = resolve_budgets(cfg, len(labels), budget=budget, gflops=gflops, budgets_file=budgets_file,
-                              default=default)
+    casc = None
+    if cascade:  # jobs/cascade.py: the budgets are the cascade's levels, chosen per video
+        from jobs.cascade import read_cascade
+
+        if budget or gflops or budgets_file:
+            raise EvaluateError("--cascade chooses the budget of each video; drop --budget/--gflops/--budgets")
+        if save_scores:
+            raise EvaluateError("--save-scores keeps the scores of fixed budgets; with --cascade drop it, or evaluate "
+                                "the cascade's levels with --budget to keep their scores")
+        casc = read_cascade(cascade, cfg.num_experts)
+    budgets = list(casc.levels) if casc else resolve_budgets(cfg, len(labels), budget=budget, gflops=gflops,
+                                                             budgets_file=budgets_file, default=default)
     gflops_view = [flops_per_view(cfg, b.capacities, len(labels)) for b in budgets]
 
     table = load_archive(videos, split, labels)
@@ -798,6 +810,8 @@ def run_evaluation(
     sig = _signature(ckpt_dir, spec_dict, budgets, paths, batch_videos)
     if save_scores:  # parts with and without the score column must not mix (absent: older parts stay valid)
         sig["save_scores"] = True
+    if casc:
+        sig["cascade"] = casc.to_json()
     done = _prepare_parts(parts_dir, sig, overwrite, out)
     todo = [i for i in range(len(chunks)) if i not in done]
     n_done_before = sum(len(chunks[i]) for i in done if i < len(chunks))
@@ -811,7 +825,7 @@ def run_evaluation(
         _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_view, labels, stats,
                 batch_videos=batch_videos, actors=actors, actor_cpus=actor_cpus, threads=threads,
                 decode_cpus=decode_cpus, decoder=decoder, device=device, max_clips=max_clips, progress=progress,
-                total=len(rows), initial=n_done_before, address=address, save_scores=save_scores)
+                total=len(rows), initial=n_done_before, address=address, save_scores=save_scores, cascade=casc)
     run_s = stats["run_s"]  # from the first task submitted to the last part written (Ray start-up excluded)
 
     final = consolidate(parts_dir, out)
@@ -832,7 +846,14 @@ def run_evaluation(
         "model_s": round(stats["model_s"], 3),  # summed over model actors
         "device": stats.get("device"), "actors": stats.get("actors"),  # None when every chunk was done before
     }
-    res = accuracy_report(final, budgets, labels)
+    reported = [casc.budget()] if casc else budgets
+    gflops_shown = {b.key: g / 1e9 for b, g in zip(budgets, gflops_view, strict=True)}
+    if casc:
+        from jobs.cascade import cascade_summary
+
+        summary["cascade"] = cascade_summary(final, casc)
+        gflops_shown[reported[0].key] = (summary["cascade"]["mean_gflops"] or 0.0) / spec.num_views
+    res = accuracy_report(final, reported, labels)
     if res is not None:
         rep, per_class, confusions = res
         rep_path, pc_path = report_paths(out)
@@ -841,7 +862,7 @@ def run_evaluation(
                     "accuracy_over": "videos with a known label that could be read"})
         write_text_atomic(rep_path, json.dumps(rep, indent=1))
         write_parquet_atomic(per_class, pc_path)
-        echo(format_report(rep, {b.key: g / 1e9 for b, g in zip(budgets, gflops_view, strict=True)}))
+        echo(format_report(rep, gflops_shown))
         summary["report"] = str(rep_path)
         summary["per_class"] = str(pc_path)
         summary["top1"] = {b["budget"]: b["top1"] for b in rep["budgets"]}
@@ -901,7 +922,7 @@ def _model_actors(device: str, actors: int | None, chunks: int, echo=print):
 
 def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_view, labels, stats, *,
             batch_videos, actors, actor_cpus, threads, decode_cpus, decoder, device, max_clips, progress,
-            total, initial, address, save_scores=False) -> None:
+            total, initial, address, save_scores=False, cascade=None) -> None:
     import logging
 
     import ray
@@ -921,13 +942,18 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
     items = [{"chunk": i, "videos": json.dumps([v["path"] for v in chunks[i]])} for i in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(decode_chunk, fn_kwargs={"spec": spec_dict, "decoder": decoder}, num_cpus=decode_cpus)
+    predictor, extra = Predictor, {}
+    if cascade is not None:
+        from jobs import cascade as jc
+
+        predictor, extra = jc.CascadePredictor, jc.actor_kwargs(cascade, gflops_view)
     ds = ds.map_batches(
-        Predictor,
+        predictor,
         compute=pool,
         fn_constructor_kwargs={"meta": ckpt.meta, "state": [state_ref],
                                "budgets": [list(b.capacities) for b in budgets], "threads": threads,
                                "device": "cuda" if with_gpu else "cpu", "max_clips": max_clips,
-                               "keep_scores": save_scores},
+                               **(extra if cascade is not None else {"keep_scores": save_scores})},
         batch_size=1,
         batch_format="numpy",
         num_cpus=actor_cpus,
@@ -941,8 +967,9 @@ def _stream(ckpt, ckpt_dir, spec_dict, budgets, chunks, todo, parts_dir, gflops_
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             for r in range(len(batch["chunk"])):
                 cid = int(batch["chunk"][r])
-                res = {k: batch[k][r] for k in ("top_ids", "top_probs", "views", "errors", "scores") if k in batch}
-                t = chunk_table(chunks[cid], res, budgets, gflops_view, labels)
+                res = {k: batch[k][r] for k in batch}
+                t = (chunk_table(chunks[cid], res, budgets, gflops_view, labels) if cascade is None
+                     else jc.cascade_table(chunks[cid], res, cascade, labels))
                 write_parquet_atomic(t, parts_dir / f"part-{cid:05d}.parquet")
                 n_err = int(sum(1 for e in json.loads(res["errors"]) if e))
                 stats["videos"] += len(chunks[cid])
@@ -979,6 +1006,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budgets", dest="budgets_file", default=None,
                    help="budgets.json from `mone tune budgets` ({\"0.3\": [c1..c4], ...}): capacities used as given; "
                         "with --budget, only those e_c")
+    g.add_argument("--cascade", default=None,
+                   help="cascade.json from `mone tune cascade`: each video runs the cheapest level first and goes on "
+                        "to the next only while the level is unsure of it (decoded once; rows say which level "
+                        "answered and the GFLOPs spent)")
     p.add_argument("--views", default=None, help="TEMPORALxSPATIAL test views, e.g. 4x3 (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="predictions table, e.g. preds.parquet")
     p.add_argument("--batch-videos", type=int, default=8,
@@ -1008,7 +1039,7 @@ def main(args: argparse.Namespace) -> int:
             budgets_file=args.budgets_file, views=args.views, batch_videos=args.batch_videos, actors=args.actors,
             actor_cpus=args.actor_cpus, threads=args.threads, decode_cpus=args.decode_cpus, decoder=args.decoder,
             device=args.device, overwrite=args.overwrite, progress=args.progress, address=args.address,
-            save_scores=args.save_scores,
+            save_scores=args.save_scores, cascade=args.cascade,
         )
     except EvaluateError as e:
         print(f"mone evaluate: error: {e}", file=sys.stderr)

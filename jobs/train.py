@@ -449,7 +449,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     mix_cfg = MixConfig(aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob)
     mix_grid = (model.cfg.temporal_tokens, model.cfg.grid, model.cfg.grid)  # (T', gh, gw)
     budgets = [1.0] if cfg.mone.dense else list(cfg.mone.train_budgets)
-    probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
+    from models.budgets import budget_probabilities
+
+    probs = budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     final_shard = ray.train.get_dataset_shard(job_data.FINAL_EVAL) if loop.get("final_views") else None

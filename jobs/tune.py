@@ -1,14 +1,20 @@
 """`mone tune`: Ray Tune searches over a trained checkpoint's budgets, and over training hyper-parameters.
 
 `mone tune budgets`  On a trained checkpoint (no retraining): which capacity vector c gives the best top-1 at a
-                     given effective capacity e_c = sum_i c_i d_i / D? The validation clips are decoded once and put
-                     in Ray's object store; every trial only runs forward passes. Two search spaces per target e_c:
-                     any point of the feasible polytope {c >= 0, sum c = 1, c . d/D = e_c} (a convex mixture of its
-                     vertices, so every sample is feasible), and the paper's heuristic with free (delta, beta).
-                     Optuna's multi-objective sampler maximises top-1 and minimises GFLOPs; the paper's heuristic
-                     (delta=2, beta=10) at each target is evaluated first (points_to_evaluate), so the tuned choice is
-                     never worse than it on the search set. Writes frontier.parquet (the Pareto front + heuristic +
-                     dense rows), trials.parquet, frontier.png and budgets.json (for `mone evaluate --budgets`).
+                     given effective capacity e_c = sum_i c_i d_i / D? The validation clips are decoded once and
+                     split per class (seeded) into a search part and a report part (--report-fraction, 0.5). The
+                     search part goes to Ray's object store; every trial only runs forward passes on it. Two search
+                     spaces per target e_c: any point of the feasible polytope {c >= 0, sum c = 1, c . d/D = e_c}
+                     (models.budgets: a convex mixture of its vertices, so every sample is feasible), and the paper's
+                     heuristic with free (delta, beta). Optuna's multi-objective sampler maximises top-1 and
+                     minimises GFLOPs; the paper's heuristic (delta=2, beta=10) at each target is evaluated first
+                     (points_to_evaluate), so the tuned choice is never worse than it on the search part. The front
+                     and each target's choice are picked on the search part, then measured on the report part with
+                     95 % bootstrap intervals over clips, as are the heuristic and the dense model; tuned minus
+                     heuristic gets a paired interval, and "tuned beats heuristic" is said only where it excludes 0.
+                     Writes frontier.parquet (front + heuristic + dense; top1 = report part), trials.parquet (search
+                     part), frontier.png, budgets.json (for `mone evaluate --budgets`), and search_videos.parquet /
+                     report_videos.parquet (manifests of the parts: `mone evaluate --videos` reproduces the figures).
 `mone tune train`    Training-time search (optim.lr, mone.delta, ...): Tune drives a function that builds and fits one
                      TorchTrainer per trial (jobs.train.build_trainer with Tune's Train report callback), ASHA stops
                      the weak trials early, and re-running the same command resumes the experiment.
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -53,8 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "budgets",
         help="search capacity vectors per target e_c on a trained checkpoint (no retraining)",
         description="Search capacity vectors c (smallest expert first) at each target effective capacity e_c on a "
-        "trained checkpoint, with Optuna's multi-objective sampler (max top-1, min GFLOPs). Writes frontier.parquet, "
-        "trials.parquet, frontier.png and budgets.json (use it with `mone evaluate --budgets`).",
+        "trained checkpoint, with Optuna's multi-objective sampler (max top-1, min GFLOPs). The clips are split per "
+        "class into a search part (trials are scored and choices made on it) and a report part (the choices, the "
+        "heuristic and the dense model are measured on it, with 95 % bootstrap intervals; tuned - heuristic is "
+        "reported with its paired interval). Writes frontier.parquet, trials.parquet, frontier.png, budgets.json "
+        "(use it with `mone evaluate --budgets`) and the two parts' manifests.",
         epilog="Example:\n  mone tune budgets --checkpoint runs/tiny_cpu --budgets 0.2,0.3,0.4 --trials 30",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -70,7 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-videos", type=int, default=None, help="use at most this many videos of the split")
     b.add_argument("--concurrent", type=int, default=None,
                    help="trials at once (default: the cluster's CPUs, at most 2; each holds 1 CPU)")
-    b.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    b.add_argument("--report-fraction", type=float, default=0.5,
+                   help="share of each class held out to report on; the search never sees it (default 0.5)")
+    b.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler, the search/report split and the bootstrap (default 0)")
     b.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     b.set_defaults(func=run_budgets_cmd)
 
@@ -100,6 +111,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trials at once (default: what the cluster's CPUs/GPUs fit)")
     t.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     t.set_defaults(func=run_train_cmd)
+
+    from jobs.cascade import register as register_cascade
+
+    register_cascade(tsub)  # `mone tune cascade`
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -107,7 +122,8 @@ def run_budgets_cmd(args: argparse.Namespace) -> int:
     try:
         summary = tune_budgets(args.checkpoint, data=args.data, split=args.split, budgets=args.budgets,
                                trials=args.trials, out=args.out, max_videos=args.max_videos,
-                               concurrent=args.concurrent, seed=args.seed, address=args.address)
+                               concurrent=args.concurrent, seed=args.seed, report_fraction=args.report_fraction,
+                               address=args.address)
     except (TuneError, FileNotFoundError) as e:
         print(f"mone tune budgets: {e}", file=sys.stderr)
         return 2
@@ -143,53 +159,9 @@ def _ray_init(address: str | None, num_cpus: int | None = None) -> None:
 # =========================================================================== capacities
 
 
-def polytope_vertices(e_c: float, num_experts: int = 4) -> list[tuple[float, ...]]:
-    """Vertices of {c >= 0, sum c = 1, sum c_i w_i = e_c} (w = d_i/D): points with at most two non-zero
-    capacities, one expert narrower and one wider than e_c. Every feasible c is a convex mix of them."""
-    from models.capacity import width_fractions
-
-    w = width_fractions(num_experts)
-    verts: list[tuple[float, ...]] = []
-    for i in range(num_experts):
-        for j in range(i, num_experts):
-            c = [0.0] * num_experts
-            if abs(w[i] - e_c) < 1e-12:
-                c[i] = 1.0
-            elif abs(w[j] - e_c) < 1e-12:
-                c[j] = 1.0
-            elif w[i] < e_c < w[j]:
-                c[i] = (w[j] - e_c) / (w[j] - w[i])
-                c[j] = 1.0 - c[i]
-            else:
-                continue
-            v = tuple(round(x, 12) for x in c)
-            if v not in verts:
-                verts.append(v)
-    if not verts:
-        raise TuneError(f"e_c={e_c:g} is outside ({w[0]:g}, 1]")
-    return verts
-
-
-def simplex_capacities(e_c: float, params: Sequence[float], num_experts: int = 4) -> tuple[float, ...]:
-    """A feasible capacity vector from parameters in [0, 1): exponential spacings -log(1 - u_k) normalised are
-    Dirichlet(1) weights on the polytope's vertices (uniform u -> uniform weights); the mix meets both constraints."""
-    verts = polytope_vertices(e_c, num_experts)
-    if len(params) < len(verts):
-        raise TuneError(f"{len(verts)} vertex weights needed at e_c={e_c:g}, got {len(params)}")
-    a = [-math.log(max(1e-12, 1.0 - min(max(float(u), 0.0), 1.0 - 1e-12))) + 1e-12 for u in params[: len(verts)]]
-    s = sum(a)
-    c = [sum(a[k] / s * verts[k][i] for k in range(len(verts))) for i in range(num_experts)]
-    c = [max(0.0, x) for x in c]
-    t = sum(c)
-    return tuple(x / t for x in c)
-
-
-def max_vertices(targets: Sequence[float], num_experts: int = 4) -> int:
-    return max(len(polytope_vertices(e, num_experts)) for e in targets)
-
-
 def trial_capacities(config: dict[str, Any], num_experts: int = 4) -> tuple[float, ...]:
     """The capacities a budget-search trial's config stands for (raises ValueError if the heuristic has none)."""
+    from models.budgets import simplex_capacities
     from models.capacity import capacities_for_budget
 
     e_c = float(config["e_c"])
@@ -206,11 +178,12 @@ def clip_gflops(model_cfg, capacities: Sequence[float], views: int = 1) -> float
     return views * model_flops(model_cfg, capacities=tuple(capacities)) / 1e9
 
 
-def evaluate_capacities(model, tokens, labels, capacities, batch_size: int = 32) -> tuple[float, float]:
-    """Top-1 / top-5 of `model` on decoded clips `tokens` (N, V, L, K) uint8 at explicit capacities (None: dense);
-    multi-view clips average their logits."""
+def video_hits(model, tokens, labels, capacities, batch_size: int = 32):
+    """Per clip, whether the top-1 / top-5 prediction of `model` at explicit capacities (None: dense) is right:
+    two bool arrays (N,). `tokens` (N, V, L, K) uint8; multi-view clips average their logits."""
     import warnings
 
+    import numpy as np
     import torch
 
     with warnings.catch_warnings():
@@ -218,7 +191,7 @@ def evaluate_capacities(model, tokens, labels, capacities, batch_size: int = 32)
         x = torch.as_tensor(tokens)  # (N, V, L, K)
         y = torch.as_tensor(labels).long()  # (N,)
     n, views = x.shape[:2]
-    top1 = top5 = 0
+    top1, top5 = np.zeros(n, bool), np.zeros(n, bool)
     budget = None if capacities is None else tuple(float(c) for c in capacities)
     with torch.no_grad():
         for s in range(0, n, batch_size):
@@ -227,28 +200,16 @@ def evaluate_capacities(model, tokens, labels, capacities, batch_size: int = 32)
             logits = model.forward_tokens(xb.flatten(0, 1), budget=budget).float()  # (b*V, classes)
             logits = logits.view(b, views, -1).mean(1)  # (b, classes)
             k = min(5, logits.shape[-1])
-            hit = logits.topk(k, dim=-1).indices == y[s : s + b, None]  # (b, k)
-            top1 += int(hit[:, 0].sum())
-            top5 += int(hit.any(-1).sum())
-    return top1 / max(1, n), top5 / max(1, n)
+            hit = (logits.topk(k, dim=-1).indices == y[s : s + b, None]).numpy()  # (b, k)
+            top1[s : s + b] = hit[:, 0]
+            top5[s : s + b] = hit.any(-1)
+    return top1, top5
 
 
-def pareto_mask(top1: Sequence[float], gflops: Sequence[float]) -> list[bool]:
-    """Non-dominated points (max top-1, min GFLOPs); of identical points only the first is kept."""
-    n = len(top1)
-    keep = []
-    for i in range(n):
-        dominated = False
-        for j in range(n):
-            if j == i:
-                continue
-            better_eq = top1[j] >= top1[i] and gflops[j] <= gflops[i]
-            strictly = top1[j] > top1[i] or gflops[j] < gflops[i]
-            if better_eq and (strictly or j < i):
-                dominated = True
-                break
-        keep.append(not dominated)
-    return keep
+def evaluate_capacities(model, tokens, labels, capacities, batch_size: int = 32) -> tuple[float, float]:
+    """Top-1 / top-5 of `model` on decoded clips `tokens` (N, V, L, K) uint8 at explicit capacities."""
+    top1, top5 = video_hits(model, tokens, labels, capacities, batch_size)
+    return float(top1.mean()) if len(top1) else 0.0, float(top5.mean()) if len(top5) else 0.0
 
 
 # =========================================================================== budget search
@@ -268,7 +229,8 @@ def _load_model(path: str):
 
 
 def budget_trial(config: dict[str, Any], *, checkpoint: str, data: dict[str, Any], batch_size: int = 32) -> None:
-    """One Tune trial: capacities from the config -> top-1/top-5 on the shared decoded clips + GFLOPs.
+    """One Tune trial: capacities from the config -> top-1/top-5 on the shared decoded clips of the search part
+    + GFLOPs.
 
     `data` arrives through tune.with_parameters: put in the object store once by the driver, fetched here."""
     import torch
@@ -321,8 +283,9 @@ def _dataset_root_for(ckpt) -> str | None:
     return None
 
 
-def decode_split(table, spec, *, decoder: str = "auto") -> tuple[Any, Any, list]:
-    """Decodes every labelled clip once: tokens (N, V, L, K) uint8, labels (N,) int64, errors."""
+def decode_split(table, spec, *, decoder: str = "auto", paths: list[str] | None = None) -> tuple[Any, Any, list]:
+    """Decodes every labelled clip once: tokens (N, V, L, K) uint8, labels (N,) int64, errors; the clips' paths
+    are appended to `paths` when given."""
     import numpy as np
 
     from pipeline.dataset import iter_clips
@@ -334,37 +297,63 @@ def decode_split(table, spec, *, decoder: str = "auto") -> tuple[Any, Any, list]
             continue
         xs.append(row["tokens"])
         ys.append(row["label"])
+        if paths is not None:
+            paths.append(row["path"])
     if not xs:
         raise TuneError("no readable labelled clips in the split (see the errors above)")
     return np.stack(xs), np.asarray(ys, dtype=np.int64), errors
 
 
 def _parse_targets(text: str | Sequence[float]) -> list[float]:
-    items = text if isinstance(text, (list, tuple)) else [s for s in str(text).replace(" ", ",").split(",") if s]
-    out = []
-    for s in items:
-        try:
-            e = float(s)
-        except ValueError:
-            raise TuneError(f"--budgets: '{s}' is not a number (e.g. --budgets 0.2,0.3,0.4)") from None
-        if not 0.125 < e < 1.0:
-            raise TuneError(f"--budgets: e_c={e:g} must be in (0.125, 1) (1.0, the dense model, is always reported)")
-        out.append(round(e, 6))
+    from models.budgets import ec_range, parse_budget_list
+
+    lo, hi = ec_range()
+    try:
+        out = parse_budget_list(text, what="--budgets", low=lo, high=hi, include_high=False,
+                                hint="1.0, the dense model, is always reported")
+    except ValueError as e:
+        raise TuneError(str(e)) from None
     if not out:
         raise TuneError("--budgets: give at least one target e_c, e.g. 0.3")
-    return sorted(set(out))
+    return sorted({round(e, 6) for e in out})
 
 
 def _fmt(e: float) -> str:
     return f"{e:.4f}".rstrip("0").rstrip(".")
 
 
+def split_search_report(table, ys, paths: list[str], report_fraction: float, seed: int, out: Path):
+    """The seeded class-stratified split of the decoded clips: (search indices, report indices); writes each
+    part's manifest (`search_videos.parquet`, `report_videos.parquet`, for `mone evaluate --videos`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from models.budgets import stratified_split
+    from pipeline.manifest import write_manifest
+
+    if not 0.0 < report_fraction < 1.0:
+        raise TuneError(f"--report-fraction {report_fraction:g}: must be in (0, 1), e.g. 0.5")
+    search, report = stratified_split(ys, report_fraction, seed)
+    if len(search) == 0 or len(report) == 0:
+        raise TuneError(f"{len(ys)} clips are too few to hold out {report_fraction:g} of each class; give more "
+                        f"videos (--max-videos, --split) or another --report-fraction")
+    for name, idx in (("search", search), ("report", report)):
+        keep = pa.array([paths[i] for i in idx], pa.string())
+        write_manifest(table.filter(pc.is_in(table.column("path"), value_set=keep)), out / f"{name}_videos.parquet")
+    return search, report
+
+
 def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, split: str | None = "validation",
                  budgets: str | Sequence[float] = "0.2,0.3,0.4,0.5", trials: int = 40,
                  out: str | os.PathLike | None = None, max_videos: int | None = None, concurrent: int | None = None,
-                 seed: int = 0, address: str | None = None, decoder: str = "auto", verbose: int = 1,
-                 echo=print) -> dict[str, Any]:
-    """Runs the budget search; returns the summary (the CLI prints it as the final JSON line)."""
+                 seed: int = 0, report_fraction: float = 0.5, address: str | None = None, decoder: str = "auto",
+                 verbose: int = 1, echo=print) -> dict[str, Any]:
+    """Runs the budget search; returns the summary (the CLI prints it as the final JSON line).
+
+    The decoded clips are split (per class, seeded) into a search part, on which every trial is scored and the
+    front and each target's choice are picked, and a report part, on which those choices, the heuristic and the
+    dense model are then measured with 95 % bootstrap intervals over videos."""
+    import numpy as np
     import pandas as pd
     import ray
     from ray import tune
@@ -372,11 +361,12 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
 
     from jobs.checkpoint import find_inference_dir, load_inference
     from jobs.evaluate import EvaluateError, load_archive
+    from models.budgets import bootstrap_mean, max_vertices, pareto_mask
     from models.capacity import capacities_for_budget, dense_capacities, effective_capacity
 
     t0 = time.time()
     targets = _parse_targets(budgets)
-    ckpt_dir = find_inference_dir(checkpoint)
+    ckpt_dir = find_inference_dir(checkpoint).resolve()  # trials run in their own working directories
     ckpt = load_inference(ckpt_dir)
     model, labels = ckpt.model, list(ckpt.labels)
     E = model.cfg.num_experts
@@ -386,12 +376,14 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
                         f"its run directory); give --data DATASET_ROOT")
     if trials < len(targets):
         raise TuneError(f"--trials {trials}: need at least one per target budget ({len(targets)})")
+    if not 0.0 < report_fraction < 1.0:
+        raise TuneError(f"--report-fraction {report_fraction:g}: must be in (0, 1), e.g. 0.5")
     if out is None:
         out = ckpt_dir.parent / "tune_budgets" if ckpt_dir.name == "inference" else Path("tune_budgets")
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---- decode the split once
+    # ---- decode the split once, then hold out the report part
     try:
         table = load_archive(root, split, labels)
     except EvaluateError as e:
@@ -400,27 +392,38 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
         table = table.slice(0, max_videos)
     spec = ckpt.clip_spec()
     t_dec = time.time()
-    tokens, ys, errors = decode_split(table, spec, decoder=decoder)
+    paths: list[str] = []
+    tokens, ys, errors = decode_split(table, spec, decoder=decoder, paths=paths)
     echo(f"[tune] decoded {len(ys)} clips of {root} ({split or 'all'}) once in {time.time() - t_dec:.1f} s "
          f"({len(errors)} unreadable); {spec.num_views} view(s), tokens {tuple(tokens.shape[1:])}", flush=True)
     views = int(tokens.shape[1])
+    search, report = split_search_report(table, ys, paths, report_fraction, seed, out)
+    echo(f"[tune] {len(search)} clips to search on, {len(report)} held out to report on (stratified by class, "
+         f"seed {seed}); manifests in {out}", flush=True)
 
-    # ---- references: the paper's heuristic at each target, and the dense model
+    def interval(values):
+        return bootstrap_mean(values, seed=seed)  # 95 % percentile bootstrap over clips
+
+    # ---- references: the paper's heuristic at each target, and the dense model (per clip, both parts)
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ref_rows = []
+    ref_rows, ref_hits = [], {}
     for e in [*targets, 1.0]:
         caps = dense_capacities(E) if e >= 1.0 else capacities_for_budget(e, E, **HEURISTIC)
-        top1, top5 = evaluate_capacities(model, tokens, ys, caps)
+        h1, h5 = video_hits(model, tokens, ys, caps)
+        ref_hits[e] = h1[report]
+        iv = interval(h1[report].astype(float))
         ref_rows.append({"e_c_target": e, "e_c": effective_capacity(caps), "capacities": list(caps),
-                         "gflops": clip_gflops(model.cfg, caps, views), "top1": top1, "top5": top5,
+                         "gflops": clip_gflops(model.cfg, caps, views), **iv.to_dict("top1"),
+                         "top5": float(h5[report].mean()), "top1_search": float(h1[search].mean()),
+                         "top5_search": float(h5[search].mean()),
                          "source": "dense" if e >= 1.0 else "heuristic", "space": "heuristic",
                          "delta": HEURISTIC["delta"], "beta": HEURISTIC["beta"], "on_front": False})
     torch.set_num_threads(threads)
 
-    # ---- the search
+    # ---- the search, on the search part only
     K = max_vertices(targets, E)
     space: dict[str, Any] = {"e_c": tune.choice(targets), "space": tune.choice(list(SPACES)),
                              "delta": tune.loguniform(*DELTA_RANGE), "beta": tune.loguniform(*BETA_RANGE),
@@ -434,9 +437,9 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
     _ray_init(address)
     if concurrent is None:
         concurrent = max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))
+    search_data = {"tokens": tokens[search], "labels": ys[search], "views": views}
     trainable = tune.with_resources(
-        tune.with_parameters(budget_trial, checkpoint=str(ckpt_dir),
-                             data={"tokens": tokens, "labels": ys, "views": views}),  # one ray.put, every trial gets it
+        tune.with_parameters(budget_trial, checkpoint=str(ckpt_dir), data=search_data),  # one ray.put for all
         {"cpu": 1})
     tuner = tune.Tuner(
         trainable,
@@ -456,7 +459,7 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
             continue
         caps = [float(m[f"c{i}"]) for i in range(E)]
         rows.append({"e_c_target": float(c["e_c"]), "e_c": float(m["e_c_actual"]), "capacities": caps,
-                     "gflops": float(m["gflops"]), "top1": float(m["top1"]), "top5": float(m["top5"]),
+                     "gflops": float(m["gflops"]), "top1_search": float(m["top1"]), "top5_search": float(m["top5"]),
                      "source": "tuned", "space": c["space"],
                      "delta": float(c["delta"]) if c["space"] == "heuristic" else float("nan"),
                      "beta": float(c["beta"]) if c["space"] == "heuristic" else float("nan"),
@@ -464,83 +467,146 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
     if not rows:
         raise TuneError("no trial finished; see the Tune output above")
     trials_df = pd.DataFrame(rows)
-    mask = pareto_mask(trials_df["top1"].tolist(), trials_df["gflops"].tolist())
-    trials_df["on_front"] = mask
+    trials_df["on_front"] = pareto_mask(trials_df["top1_search"].tolist(), trials_df["gflops"].tolist())
     trials_df.to_parquet(out / "trials.parquet", index=False)
-    front = trials_df[trials_df["on_front"]].sort_values("gflops")
-    frontier = pd.concat([front.drop(columns=["trial_id"]), pd.DataFrame(ref_rows)], ignore_index=True)
+
+    # ---- choices, all made on the search part: the front, and per target the best top-1 within e_c <= target
+    # (tie -> fewer GFLOPs). Then each choice is measured once on the report part.
+    torch.set_num_threads(1)
+    report_hits: dict[tuple[float, ...], Any] = {}
+
+    def on_report(caps) -> Any:
+        key = tuple(round(float(x), 12) for x in caps)
+        if key not in report_hits:
+            report_hits[key] = video_hits(model, tokens[report], ys[report], caps)
+        return report_hits[key]
+
+    front = trials_df[trials_df["on_front"]].sort_values("gflops").drop(columns=["trial_id"]).copy()
+    front_report = [on_report(c) for c in front["capacities"]]
+    front_iv = [interval(h1.astype(float)) for h1, _ in front_report]
+    front["top1"] = [iv.mean for iv in front_iv]
+    front["top1_low"] = [iv.low for iv in front_iv]
+    front["top1_high"] = [iv.high for iv in front_iv]
+    front["top5"] = [float(h5.mean()) for _, h5 in front_report]
+    frontier = pd.concat([front, pd.DataFrame(ref_rows)], ignore_index=True)
     frontier.to_parquet(out / "frontier.parquet", index=False)
 
-    # ---- budgets.json: best top-1 within each target (e_c <= target), tie -> fewer GFLOPs
     chosen: dict[str, Any] = {}
     per_target = []
     refs = {r["e_c_target"]: r for r in ref_rows}
     for e in targets:
-        within = trials_df[trials_df["e_c"] <= e + _EPS].sort_values(["top1", "gflops"], ascending=[False, True])
+        within = trials_df[trials_df["e_c"] <= e + _EPS].sort_values(["top1_search", "gflops"],
+                                                                     ascending=[False, True])
         best = within.iloc[0] if len(within) else None
         h = refs[e]
-        if best is None or best["top1"] < h["top1"]:  # cannot happen with the seeds; keep the file complete anyway
-            best = pd.Series(h)
-        chosen[_fmt(e)] = {"capacities": [float(x) for x in best["capacities"]], "e_c": float(best["e_c"]),
-                           "top1": float(best["top1"]), "top5": float(best["top5"]),
-                           "gflops": float(best["gflops"]), "space": str(best["space"])}
-        per_target.append({"e_c": e, "tuned_top1": float(best["top1"]), "heuristic_top1": h["top1"],
+        if best is None or best["top1_search"] < h["top1_search"]:  # not with the seeds; keep the file complete
+            best = pd.Series({**h, "space": "heuristic"})
+        caps = [float(x) for x in best["capacities"]]
+        t1, t5 = on_report(caps)
+        tuned = interval(t1.astype(float))
+        diff = interval(t1.astype(float) - ref_hits[e].astype(float))  # paired: the same report clips
+        same = np.allclose(caps, h["capacities"], atol=1e-9)
+        verdict = (f"tuned beats heuristic at e_c {_fmt(e)}" if diff.low > 0 else
+                   f"heuristic beats tuned at e_c {_fmt(e)}" if diff.high < 0 else
+                   f"no difference shown at e_c {_fmt(e)}" + (" (tuned = heuristic)" if same else ""))
+        entry = {"capacities": caps, "e_c": float(best["e_c"]), **tuned.to_dict("top1"), "top5": float(t5.mean()),
+                 "top1_search": float(best["top1_search"]), "gflops": float(best["gflops"]),
+                 "space": str(best["space"]),
+                 "heuristic": {"capacities": h["capacities"], "top1": h["top1"], "top1_low": h["top1_low"],
+                               "top1_high": h["top1_high"], "gflops": h["gflops"]},
+                 **diff.to_dict("diff_top1"), "verdict": verdict}
+        chosen[_fmt(e)] = entry
+        per_target.append({"e_c": e, "tuned_top1": tuned.mean, "tuned_top1_ci": [tuned.low, tuned.high],
+                           "heuristic_top1": h["top1"], "heuristic_top1_ci": [h["top1_low"], h["top1_high"]],
+                           "diff_top1": diff.mean, "diff_top1_ci": [diff.low, diff.high], "verdict": verdict,
+                           "tuned_top1_search": float(best["top1_search"]), "heuristic_top1_search": h["top1_search"],
                            "gflops": float(best["gflops"]), "heuristic_gflops": h["gflops"],
-                           "capacities": [round(float(x), 4) for x in best["capacities"]],
+                           "capacities": [round(x, 4) for x in caps],
                            "heuristic_capacities": [round(x, 4) for x in h["capacities"]]})
+    torch.set_num_threads(threads)
     budgets_path = out / "budgets.json"
     budgets_path.write_text(json.dumps({
         "budgets": chosen, "checkpoint": str(ckpt_dir), "data": str(root), "split": split,
-        "clips": int(len(ys)), "objective": "max top-1 within e_c <= target, tie -> fewer GFLOPs",
+        "clips": int(len(ys)), "search_clips": int(len(search)), "report_clips": int(len(report)),
+        "report_fraction": report_fraction, "seed": seed, "report_videos": str(out / "report_videos.parquet"),
+        "objective": "chosen on the search part: max top-1 within e_c <= target, tie -> fewer GFLOPs",
+        "figures": "top1/top5 on the report part, with 95 % percentile bootstrap intervals over its clips; "
+                   "diff_top1 = tuned - heuristic on the same clips (paired bootstrap); top1_search: search part",
         "gflops": "per clip (views x models.flops.model_flops)",
     }, indent=1))
     plot = out / "frontier.png"
-    _plot_frontier(trials_df, front, ref_rows, plot, model.cfg.name)
+    _plot_frontier(trials_df, front, ref_rows, plot, model.cfg.name, len(search), len(report))
 
-    echo(_summary_table(per_target, refs[1.0]))
+    echo(_summary_table(per_target, refs[1.0], len(report)))
     summary = {
         "out": str(out), "frontier": str(out / "frontier.parquet"), "budgets": str(budgets_path),
         "trials_table": str(out / "trials.parquet"), "plot": str(plot), "checkpoint": str(ckpt_dir),
-        "clips": int(len(ys)), "trials": int(len(trials_df)), "search_s": round(search_s, 1),
-        "wall_s": round(time.time() - t0, 1),
-        "dense": {"top1": refs[1.0]["top1"], "gflops": refs[1.0]["gflops"]},
-        "targets": per_target,
+        "clips": int(len(ys)), "search_clips": int(len(search)), "report_clips": int(len(report)),
+        "report_videos": str(out / "report_videos.parquet"),
+        "trials": int(len(trials_df)), "search_s": round(search_s, 1), "wall_s": round(time.time() - t0, 1),
+        "dense": {"top1": refs[1.0]["top1"], "top1_ci": [refs[1.0]["top1_low"], refs[1.0]["top1_high"]],
+                  "gflops": refs[1.0]["gflops"]},
+        "targets": per_target, "verdicts": [p["verdict"] for p in per_target],
     }
     return summary
 
 
-def _summary_table(per_target: list[dict[str, Any]], dense: dict[str, Any]) -> str:
-    rows = ["  e_c    tuned top-1  heuristic top-1  GFLOPs (tuned/heur.)  tuned capacities (smallest expert first)"]
+def _pct(x: float) -> str:
+    return "  n/a" if x != x else f"{100 * x:5.1f}"
+
+
+def _summary_table(per_target: list[dict[str, Any]], dense: dict[str, Any], n_report: int) -> str:
+    rows = [f"  report part: {n_report} held-out clips; top-1 in %, [95 % bootstrap interval]",
+            "  e_c    tuned top-1          heuristic top-1      tuned - heuristic     GFLOPs tuned/heur.   "
+            "tuned capacities (smallest expert first)"]
     for p in per_target:
-        rows.append(f"  {p['e_c']:<5}  {100 * p['tuned_top1']:10.1f}%  {100 * p['heuristic_top1']:14.1f}%  "
-                    f"{p['gflops']:9.4f} / {p['heuristic_gflops']:<9.4f}  {p['capacities']}")
-    rows.append(f"  dense  {100 * dense['top1']:10.1f}%  {'':15}  {dense['gflops']:9.4f}")
+        tl, th = p["tuned_top1_ci"]
+        hl, hh = p["heuristic_top1_ci"]
+        dl, dh = p["diff_top1_ci"]
+        rows.append(f"  {p['e_c']:<5}  {_pct(p['tuned_top1'])} [{_pct(tl)},{_pct(th)}]  "
+                    f"{_pct(p['heuristic_top1'])} [{_pct(hl)},{_pct(hh)}]  "
+                    f"{100 * p['diff_top1']:+5.1f} [{100 * dl:+5.1f},{100 * dh:+5.1f}]  "
+                    f"{p['gflops']:8.4f} / {p['heuristic_gflops']:<8.4f}  {p['capacities']}")
+    rows.append(f"  dense  {_pct(dense['top1'])} [{_pct(dense['top1_low'])},{_pct(dense['top1_high'])}]"
+                f"{'':44}{dense['gflops']:8.4f}")
+    rows += [f"  {p['verdict']}" for p in per_target]
     return "\n".join(rows)
 
 
-def _plot_frontier(trials_df, front, ref_rows, path: Path, model_name: str) -> None:
+def _plot_frontier(trials_df, front, ref_rows, path: Path, model_name: str, n_search: int, n_report: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    def err(rows_top1, lows, highs):
+        return [[100 * (t - lo) for t, lo in zip(rows_top1, lows, strict=True)],
+                [100 * (hi - t) for t, hi in zip(rows_top1, highs, strict=True)]]
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=120)
     # Plotted as the paper counts (a multiply-add = 1 FLOP): half of the tables' `gflops` (multiply-add = 2).
-    ax.scatter(trials_df["gflops"] / 2, 100 * trials_df["top1"], s=14, alpha=0.35, color="C0", label="tuned trials")
-    ax.plot(front["gflops"] / 2, 100 * front["top1"], "o-", color="C0", label="tuned Pareto front", zorder=4)
+    ax.scatter(trials_df["gflops"] / 2, 100 * trials_df["top1_search"], s=12, alpha=0.25, color="C0",
+               label=f"trials (search part, {n_search} clips)")
+    if len(front):
+        ax.errorbar(front["gflops"] / 2, 100 * front["top1"], yerr=err(front["top1"], front["top1_low"],
+                                                                   front["top1_high"]),
+                    fmt="o-", color="C0", capsize=3, zorder=4, label="tuned front (report part, 95 % CI)")
     heur = [r for r in ref_rows if r["source"] == "heuristic"]
-    ax.plot([r["gflops"] / 2 for r in heur], [100 * r["top1"] for r in heur], "s--", color="C1",
-            label="heuristic (δ=2, β=10)")
+    ax.errorbar([r["gflops"] / 2 for r in heur], [100 * r["top1"] for r in heur],
+                yerr=err([r["top1"] for r in heur], [r["top1_low"] for r in heur], [r["top1_high"] for r in heur]),
+                fmt="s--", color="C1", capsize=3, zorder=5, label="heuristic δ=2, β=10 (report part)")
     for r in heur:
         ax.annotate(f"e_c={r['e_c_target']:g}", (r["gflops"] / 2, 100 * r["top1"]), textcoords="offset points",
                     xytext=(4, -12), fontsize=8)
     dense = [r for r in ref_rows if r["source"] == "dense"][0]
-    ax.plot([dense["gflops"] / 2], [100 * dense["top1"]], "*", ms=12, color="C3", label="dense (e_c=1)")
+    ax.errorbar([dense["gflops"] / 2], [100 * dense["top1"]],
+                yerr=err([dense["top1"]], [dense["top1_low"]], [dense["top1_high"]]), fmt="*", ms=12, color="C3",
+                capsize=3, label="dense e_c=1 (report part)")
     ax.set_xlabel("GFLOPs per clip (multiply-add = 1, as the paper counts)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{model_name}: accuracy vs compute, tuned capacities")
+    ax.set_title(f"{model_name}: chosen on {n_search} clips, measured on {n_report} held-out clips", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -88,3 +88,24 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
     base.mkdir(exist_ok=True)
     archive = make_archive(base / "archive")
     return archive, make_checkpoint(base / "run" / "inference", archive)
+
+
+DECODE_LOG_ENV = "MONE_TEST_DECODE_LOG"
+
+
+def count_decodes() -> None:
+    """A Ray worker_process_setup_hook: every call of pipeline.dataset.load_clip (the decode of one video, in
+    whichever process it runs) appends the video's path to the file named by $MONE_TEST_DECODE_LOG."""
+    log = os.environ.get(DECODE_LOG_ENV)
+    if not log:
+        return
+    import pipeline.dataset as dataset
+
+    original = dataset.load_clip
+
+    def counted(path, *args, **kwargs):
+        with open(log, "a") as f:  # one short O_APPEND write per call: lines of parallel tasks do not mix
+            f.write(f"{path}\n")
+        return original(path, *args, **kwargs)
+
+    dataset.load_clip = counted

@@ -1,4 +1,4 @@
-"""`mone train`: config validation before Ray starts, budget sampling, and the distributed run itself
+"""`mone train`: config validation before Ray starts, and the distributed run itself
 (2 Ray Train workers x DeepSpeed ZeRO-2 on CPU): disjoint shards, checkpoint, kill, resume."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from jobs.config import ConfigError, load_config
-from jobs.data import budget_probabilities
 from jobs.train import check_resources
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,17 +71,6 @@ def test_cli_rejects_a_bad_config_before_starting_ray(capsys):
     assert main(["train", "model.variant=nope"]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().out
     assert not ray.is_initialized() and time.time() - t < 30
-
-
-def test_budget_sampling_uniform_and_isoflops():
-    budgets = [0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
-    assert budget_probabilities(budgets, None) == pytest.approx([1 / 9] * 9)
-    p = budget_probabilities(budgets, 0.4)  # isoFLOPs: expected e_c per step = 0.4, every budget still drawn
-    assert sum(p) == pytest.approx(1.0)
-    assert sum(pi * b for pi, b in zip(p, budgets, strict=True)) == pytest.approx(0.4, abs=1e-6)
-    assert min(p) > 0 and p == sorted(p, reverse=True)
-    with pytest.raises(ValueError, match="outside the training budgets"):
-        budget_probabilities(budgets, 0.1)
 
 
 # --------------------------------------------------------------------------- the distributed run

@@ -1,5 +1,6 @@
-"""`mone tune`: the capacity parametrisation, the budget search on a tiny trained checkpoint (frontier, FLOPs,
-budgets.json through `mone evaluate --budgets`), and a 2-trial training search with ASHA on CPU (+ resume)."""
+"""`mone tune`: trial capacities, the budget search on a tiny trained checkpoint (a held-out report part,
+frontier, FLOPs, intervals, budgets.json through `mone evaluate --budgets`), and a 2-trial training search with ASHA
+on CPU (+ resume)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.tune import (
-    TuneError,
-    load_search_space,
-    pareto_mask,
-    polytope_vertices,
-    simplex_capacities,
-    trial_capacities,
-)
+from jobs.tune import TuneError, load_search_space, trial_capacities
 from models.capacity import capacities_for_budget, effective_capacity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,26 +22,10 @@ CLIP = {"num_frames": 8, "sampling": "segment", "stride": 2, "short_side": 64, "
 # --------------------------------------------------------------------------- no Ray
 
 
-@pytest.mark.parametrize("e_c", [0.15, 0.2, 0.25, 0.3, 0.45, 0.5, 0.7, 0.95])
-def test_every_sample_is_feasible(e_c):
-    rng = np.random.default_rng(0)
-    k = len(polytope_vertices(e_c))
-    assert 1 <= k <= 4
-    for _ in range(200):
-        c = simplex_capacities(e_c, rng.uniform(size=4))
-        assert min(c) >= 0 and sum(c) == pytest.approx(1.0, abs=1e-9)
-        assert effective_capacity(c) == pytest.approx(e_c, abs=1e-9)
-    # the vertices themselves are reached at the corners of the parameter box
-    corner = simplex_capacities(e_c, [0.0] * (k - 1) + [1.0 - 1e-12] + [0.0] * (4 - k))
-    assert max(np.abs(np.subtract(corner, polytope_vertices(e_c)[k - 1]))) < 1e-6
-
-
-def test_heuristic_space_and_pareto():
+def test_trial_capacities_of_both_spaces():
     cfg = {"e_c": 0.3, "space": "heuristic", "delta": 2.0, "beta": 10.0, "v0": 0.1, "v1": 0.2, "v2": 0.3, "v3": 0.4}
     assert trial_capacities(cfg) == pytest.approx(capacities_for_budget(0.3))
     assert effective_capacity(trial_capacities({**cfg, "space": "simplex"})) == pytest.approx(0.3)
-    #          (top1, gflops): a dominates b; c ties a (kept once); d is cheaper and worse: on the front
-    assert pareto_mask([0.8, 0.7, 0.8, 0.5], [1.0, 1.1, 1.0, 0.5]) == [True, False, False, True]
 
 
 def test_search_space_yaml(tmp_path):
@@ -119,27 +97,38 @@ def tiny_ckpt(tmp_path_factory):
     return ckpt, root
 
 
-def test_budget_search_frontier_flops_and_budgets_json(ray_cluster, tiny_ckpt, tmp_path, capsys):
+def test_budget_search_holds_out_a_report_part(ray_cluster, tiny_ckpt, tmp_path, capsys, monkeypatch):
     import pandas as pd
 
     from jobs.cli import main
     from jobs.evaluate import read_budgets_file, run_evaluation
     from models.flops import model_flops
     from models.vit import create_model
+    from pipeline.manifest import read_manifest
 
     ckpt, root = tiny_ckpt
-    # the CLI (in-process: the module's Ray); no --data: the dataset recorded in inference.json is used
-    assert main(["tune", "budgets", "--checkpoint", str(ckpt.parent), "--budgets", "0.2,0.3", "--trials", "6",
+    # the CLI (in-process: the module's Ray); no --data: the dataset recorded in inference.json is used; a relative
+    # --checkpoint (trials run in other working directories)
+    monkeypatch.chdir(ckpt.parent.parent)
+    assert main(["tune", "budgets", "--checkpoint", ckpt.parent.name, "--budgets", "0.2,0.3", "--trials", "6",
                  "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "heuristic top-1" in printed
+    assert "heuristic top-1" in printed and "report part: 8 held-out clips" in printed
     summary = json.loads(printed.strip().splitlines()[-1])  # the final JSON line
     out = Path(summary["out"])
-    for key in ("frontier", "budgets", "plot", "trials_table"):
+    for key in ("frontier", "budgets", "plot", "trials_table", "report_videos"):
         assert Path(summary[key]).is_file(), key
     assert summary["trials"] == 6 and summary["clips"] == 16
-    cfg = create_model("vivit_tiny", num_classes=4, img_size=64).cfg
+    assert summary["search_clips"] == summary["report_clips"] == 8  # --report-fraction 0.5 of 4 clips per class
 
+    # the two parts: disjoint, half of every class each
+    search = read_manifest(out / "search_videos.parquet").to_pandas()
+    report = read_manifest(out / "report_videos.parquet").to_pandas()
+    assert not set(search["path"]) & set(report["path"])
+    assert search["label"].value_counts().to_dict() == report["label"].value_counts().to_dict() == {
+        c: 2 for c in range(4)}
+
+    cfg = create_model("vivit_tiny", num_classes=4, img_size=64).cfg
     trials = pd.read_parquet(out / "trials.parquet")
     frontier = pd.read_parquet(out / "frontier.parquet")
     assert set(frontier["source"]) == {"tuned", "heuristic", "dense"}
@@ -148,41 +137,50 @@ def test_budget_search_frontier_flops_and_budgets_json(ray_cluster, tiny_ckpt, t
             assert row.gflops == pytest.approx(model_flops(cfg, capacities=tuple(row.capacities)) / 1e9, rel=1e-9)
             assert effective_capacity(row.capacities) == pytest.approx(row.e_c, abs=1e-6)
     assert (trials["e_c"] - trials["e_c_target"]).abs().max() < 1e-6
-    # the front: no tuned trial dominates a front point, and every off-front trial is dominated by a front point
+    # frontier rows carry report-part figures inside their interval; the front was picked on the search part
+    assert ((frontier["top1_low"] <= frontier["top1"]) & (frontier["top1"] <= frontier["top1_high"])).all()
+    assert (frontier["top1"] * 8).round(9).mod(1).eq(0).all()  # a share of the 8 report clips
     front = frontier[frontier["source"] == "tuned"]
     assert len(front) >= 1 and front["on_front"].all()
     for f in front.itertuples():
-        assert not ((trials["top1"] >= f.top1) & (trials["gflops"] <= f.gflops)
-                    & ((trials["top1"] > f.top1) | (trials["gflops"] < f.gflops))).any()
+        assert not ((trials["top1_search"] >= f.top1_search) & (trials["gflops"] <= f.gflops)
+                    & ((trials["top1_search"] > f.top1_search) | (trials["gflops"] < f.gflops))).any()
     for t in trials[~trials["on_front"]].itertuples():
-        assert ((front["top1"] >= t.top1) & (front["gflops"] <= t.gflops)).any()
+        assert ((front["top1_search"] >= t.top1_search) & (front["gflops"] <= t.gflops)).any()
     heur = frontier[frontier["source"] == "heuristic"].set_index("e_c_target")
     assert list(heur.loc[0.3, "capacities"]) == pytest.approx(capacities_for_budget(0.3))
 
-    # budgets.json: best top-1 within each target, never below the heuristic there (it was a seeded trial)
+    # budgets.json: chosen on the search part (best top-1 within each target, never below the seeded heuristic
+    # there), reported on the report part with intervals, the paired difference and its verdict
     doc = json.loads((out / "budgets.json").read_text())
-    assert set(doc["budgets"]) == {"0.2", "0.3"}
+    assert set(doc["budgets"]) == {"0.2", "0.3"} and doc["report_clips"] == 8
     for tgt in summary["targets"]:
-        assert tgt["tuned_top1"] >= tgt["heuristic_top1"]
+        assert tgt["tuned_top1_search"] >= tgt["heuristic_top1_search"]
         entry = doc["budgets"][f"{tgt['e_c']:g}"]
         assert entry["e_c"] <= tgt["e_c"] + 1e-6
-        assert entry["top1"] == trials[trials["e_c"] <= tgt["e_c"] + 1e-6]["top1"].max()
+        assert entry["top1_search"] == trials[trials["e_c"] <= tgt["e_c"] + 1e-6]["top1_search"].max()
+        assert entry["top1_low"] <= entry["top1"] <= entry["top1_high"]
+        assert entry["diff_top1"] == pytest.approx(entry["top1"] - entry["heuristic"]["top1"])
+        assert entry["diff_top1_low"] <= entry["diff_top1"] <= entry["diff_top1_high"]
+        beats = entry["diff_top1_low"] > 0
+        assert (entry["verdict"] == f"tuned beats heuristic at e_c {tgt['e_c']:g}") == beats
+        if entry["diff_top1_low"] <= 0 <= entry["diff_top1_high"]:
+            assert entry["verdict"].startswith(f"no difference shown at e_c {tgt['e_c']:g}")
+        assert entry["verdict"] in printed
 
-    # ... and round-trips into `mone evaluate --budgets`: same e_c keys, same capacities, same accuracy
+    # ... and round-trips into `mone evaluate --budgets` on the report part: same capacities, same accuracy
     table = read_budgets_file(out / "budgets.json")
     assert [b.e_c for b in table] == [0.2, 0.3]
     for b in table:
         assert list(b.capacities) == pytest.approx(doc["budgets"][b.key]["capacities"], abs=1e-12)
-    ev = run_evaluation(ckpt, root, tmp_path / "preds.parquet", split="validation",
+    ev = run_evaluation(ckpt, out / "report_videos.parquet", tmp_path / "preds.parquet",
                         budgets_file=str(out / "budgets.json"), progress=False, echo=lambda *a, **k: None)
-    assert ev["e_c"] == [0.2, 0.3] and ev["budgets"] == ["0.2", "0.3"]
+    assert ev["e_c"] == [0.2, 0.3] and ev["budgets"] == ["0.2", "0.3"] and ev["videos"] == 8
     for key, top1 in ev["top1"].items():
-        assert top1 == pytest.approx(doc["budgets"][key]["top1"], abs=1.01 / 16)
+        assert top1 == pytest.approx(doc["budgets"][key]["top1"], abs=1.01 / 8)
     preds = pd.read_parquet(tmp_path / "preds.parquet")
-    caps_col = next((c for c in preds.columns if "capacit" in c), None)
-    if caps_col:  # the predictions carry the capacities each budget ran with
-        for key, caps in preds.groupby("budget")[caps_col].first().items():
-            assert list(caps) == pytest.approx(doc["budgets"][key]["capacities"], abs=1e-9)
+    for key, caps in preds.groupby("budget")["capacities"].first().items():
+        assert list(caps) == pytest.approx(doc["budgets"][key]["capacities"], abs=1e-9)
 
 
 def test_budget_search_needs_data_when_none_is_recorded(tiny_ckpt, tmp_path):
@@ -200,6 +198,8 @@ def test_budget_search_needs_data_when_none_is_recorded(tiny_ckpt, tmp_path):
         tune_budgets(bare, budgets="0.3", trials=2, out=tmp_path / "o")
     with pytest.raises(TuneError, match="must be in"):
         tune_budgets(bare, budgets="0.1", trials=2, out=tmp_path / "o")
+    with pytest.raises(TuneError, match="--report-fraction 1: must be in"):
+        tune_budgets(ckpt, budgets="0.3", trials=2, out=tmp_path / "o", report_fraction=1.0)
 
 
 def test_train_search_asha_end_to_end_and_resume(ray_cluster, tmp_path):
