@@ -16,6 +16,8 @@ import importlib
 import json
 import math
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,12 +61,35 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["mone.dense=true"] if args.dense else [])
     try:
         cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
+        summary = train(cfg, address=args.address, resource_check=not args.no_resource_check,
+                        resume_command=_resume_command(args))
+    except (ConfigError, FileNotFoundError) as e:  # also the checks that need Ray (resources): no traceback
         print(f"mone train: {e}")
         return 2
-    summary = train(cfg, address=args.address, resource_check=not args.no_resource_check)
+    except TrainingGaveUp as e:
+        print(f"mone train: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
+
+
+class TrainingGaveUp(RuntimeError):
+    """Ray Train ran out of restarts (or the data is unusable); the message says why and how to resume."""
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run (same config, overrides and run name): as the user ran it, also when
+    it runs as a job of `mone submit` (whose metadata Ray hands the job in RAY_JOB_CONFIG_JSON_ENV_VAR)."""
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except ValueError:
+        meta = {}
+    if meta.get("mone_command") == "train" and "mone_args" in meta:
+        return f"mone submit train -- {meta['mone_args']}"
+    words = ["mone", "train", "--config", args.config, *args.overrides]
+    words += ["--dense"] if args.dense else []
+    words += ["--address", args.address] if args.address else []
+    return shlex.join(words)
 
 
 def check_resources(cfg: TrainConfig, resources: dict[str, float]) -> None:
@@ -88,13 +113,23 @@ def check_resources(cfg: TrainConfig, resources: dict[str, float]) -> None:
             )
 
 
-def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool = True,
+          resume_command: str | None = None) -> dict[str, Any]:
     """Runs (or resumes) one training run; returns the summary printed as the final JSON line."""
     import ray
+    from ray.train import TrainingFailedError
 
     from jobs import data as job_data
+    from jobs import faults
+    from jobs.ray_connect import init_ray, requested_address
 
     t0 = time.time()
+    if resource_check and not ray.is_initialized() and requested_address(address) == "local":
+        # A local Ray gets this machine's CPUs: a request that cannot fit is refused before it starts (GPUs are
+        # counted once Ray has detected them, below).
+        from ray._private.utils import get_num_cpus
+
+        check_resources(cfg, {"CPU": float(get_num_cpus()), "GPU": math.inf})
     storage = run_files.storage_uri(cfg.run.storage_path)
     run_dir = run_files.join(storage, cfg.run_name)
     data = job_data.prepare(cfg)  # generate (cached) + manifests + label map; no Ray needed
@@ -104,7 +139,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         # submitted with `mone submit` gets them in its runtime_env (a second runtime_env here would clash).
         for k, v in _worker_env(cfg).items():
             os.environ.setdefault(k, v)
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        init_ray(address, command="mone train", log_to_driver=True)
     if resource_check:
         check_resources(cfg, ray.cluster_resources())
 
@@ -117,16 +152,25 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         run_files.write_text(run_files.join(run_dir, "missing.txt"), "\n".join(data.missing) + "\n")
 
     datasets, error_logs = job_data.ray_datasets(cfg, data)
-    trainer = build_trainer(cfg, data, datasets, error_logs["train"], storage, run_dir)
+    invocation, nodes_at_start = faults.new_invocation(), faults.alive_nodes()
+    trainer = build_trainer(cfg, data, datasets, error_logs["train"], storage, run_dir, invocation=invocation)
     print(f"[mone] run {cfg.run_name!r}: {data.num_train} train / {data.num_val} val clips, "
           f"{len(data.labels)} classes, {cfg.scaling.num_workers} worker(s), model {cfg.model.variant}; "
           f"run directory {run_dir}")
-    result = trainer.fit()
+    try:
+        result, failure = trainer.fit(), None
+    except TrainingFailedError as e:  # out of restarts: named below, after the errors table is written
+        result, failure = None, e
     n_errors = job_data.write_errors(error_logs, run_dir)  # also when the run failed: say which files were bad
     if n_errors:
         print(f"[mone] {n_errors} unreadable video(s) skipped; see {run_files.join(run_dir, 'errors.parquet')}")
-    if result.error:
-        raise result.error
+    restarts = faults.restarts(run_dir, invocation)
+    if failure is not None or result.error:
+        failure = failure or result.error
+        bad_data = faults.data_error(failure)
+        raise TrainingGaveUp(bad_data or faults.failure_message(
+            failure, run_dir=run_dir, lost=faults.lost_nodes(nodes_at_start), restarts=restarts,
+            max_failures=cfg.run.max_failures, resume_command=resume_command or "the same command again")) from None
 
     # Consolidated outputs next to Ray's own: inference checkpoint, metric history, errors, plot.
     ckpt_dir = result.checkpoint.path if result.checkpoint else None
@@ -153,6 +197,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "wall_s": round(time.time() - t0, 1),
         "train_loss": last.get("train_loss"),
         "bad_videos": n_errors,
+        "restarts": restarts,  # worker-group restarts Ray Train made during this command (node or worker losses)
     }
     for b in cfg.mone.val_budgets:
         for key in (f"top1_ec{b}", f"top5_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}"):
@@ -165,12 +210,13 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
 
 
 def build_trainer(cfg: TrainConfig, data, datasets: dict[str, Any], train_error_log, storage: str, run_dir: str,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, invocation: str | None = None):
     """The TorchTrainer of one run (also built inside each `mone tune train` trial, with Tune's callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs import data as job_data
+    from jobs import faults
 
     loop_config = {
         "config": cfg.to_dict(),
@@ -180,6 +226,8 @@ def build_trainer(cfg: TrainConfig, data, datasets: dict[str, Any], train_error_
         "run_dir": run_dir,
         "eval_clip": data.eval_clip,
         "train_error_log": train_error_log,
+        "invocation": invocation or faults.new_invocation(),  # groups this command's attempts in attempts.jsonl
+        "driver": faults.here(),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -337,6 +385,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from jobs import data as job_data
+    from jobs import faults
     from jobs.checkpoint import save_inference
     from models.capacity import capacities_for_budget
     from models.flops import model_flops
@@ -390,6 +439,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
+    _record_attempt(loop, rank, world, start_epoch, global_step)
 
     budgets = [1.0] if cfg.mone.dense else list(cfg.mone.train_budgets)
     probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
@@ -399,6 +449,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     def budget_arg(e_c: float):
         return None if e_c >= 1.0 else capacities_for_budget(e_c, delta=cfg.mone.delta, beta=cfg.mone.beta)
 
+    first_step = True
     for epoch in range(start_epoch, cfg.optim.epochs):
         loop["train_error_log"].set_epoch(epoch)  # decode workers seed sampling/crops with it
         engine.train()
@@ -416,6 +467,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             global_step += 1
+            if first_step:  # the attempt is live again (a restore's recovery time ends here)
+                first_step = False
+                if rank == 0:
+                    faults.record(loop["run_dir"], {"invocation": loop["invocation"], "event": "first_step",
+                                                    "epoch": epoch, "global_step": global_step})
             n_steps += 1
             n_clips += tokens.shape[0]
             loss_sum += loss.item()
@@ -431,6 +487,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "global_step": global_step,
+            "train_clips": _sum_over_ranks(n_clips, device),  # clips trained on in this epoch, all ranks
             "train_loss": loss_sum / max(1, n_steps),
             "train_clips_per_s": n_clips * world / max(train_time, 1e-9),
             "lr": scheduler.get_last_lr()[0],
@@ -463,6 +520,33 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+
+
+def _record_attempt(loop: dict[str, Any], rank: int, world: int, start_epoch: int, global_step: int) -> None:
+    """Rank 0 logs this attempt's start and where every rank runs (attempts.jsonl: restarts, lost nodes)."""
+    import torch.distributed as dist
+
+    from jobs import faults
+
+    me = {"rank": rank, **faults.here()}
+    ranks = [me]
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        ranks = [None] * world
+        dist.all_gather_object(ranks, me)
+    if rank == 0:
+        faults.record(loop["run_dir"], {"invocation": loop["invocation"], "event": "start", "epoch": start_epoch,
+                                        "global_step": global_step, "workers": ranks, "driver": loop["driver"]})
+
+
+def _sum_over_ranks(n: int, device) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(n)
+    t = torch.tensor([n], dtype=torch.int64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _full_state_dict(engine) -> dict[str, Any]:

@@ -265,8 +265,14 @@ class ErrorLog:
 
     def __init__(self, total: int, max_error_fraction: float | None = DEFAULT_MAX_ERROR_FRACTION):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.actor = ray.remote(num_cpus=0, max_restarts=0)(_ErrorLogActor).remote(total, max_error_fraction)
+        # On the node of the process that creates it (the driver, or a Tune trial), as Ray Train pins its own
+        # controller and dataset coordinator: the loss of another node never takes it (nor the epoch it holds),
+        # and the loss of this one ends its owner anyway (the driver; a trial that Tune then restarts).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = ray.remote(num_cpus=0, max_restarts=0)(_ErrorLogActor).options(
+            scheduling_strategy=here).remote(total, max_error_fraction)
         self.total, self.max_error_fraction = total, max_error_fraction
 
     def set_epoch(self, epoch: int) -> None:
