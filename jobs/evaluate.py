@@ -718,6 +718,9 @@ def run_evaluation(
         ckpt_dir = find_inference_dir(checkpoint)
     except FileNotFoundError as e:
         raise EvaluateError(f"--checkpoint: {e}") from None
+    from jobs.ray_connect import check_address
+
+    check_address(address)  # a cluster that does not answer: one line before any decoding
     ckpt = load_inference(ckpt_dir)
     cfg, labels = ckpt.model.cfg, list(ckpt.labels)
     vt_vs = parse_views(views)

@@ -6,8 +6,8 @@ and, given an address nobody answers at, retries forever ("Failed to connect to 
 - no `--address` and no `RAY_ADDRESS`: a new local Ray for this command (`ray.init(address="local")`);
 - `--address auto`: join the cluster `ray start` recorded on this machine (Ray's own lookup);
 - `--address HOST:PORT` (or `ray://HOST:PORT`, or `RAY_ADDRESS`): join it, if it answers within
-  `CONNECT_TIMEOUT_S` (30 s; `MONE_RAY_CONNECT_TIMEOUT_S` changes it); otherwise `ClusterUnreachable`, whose
-  one-line message names the address and the fix.
+  `CONNECT_TIMEOUT_S` (30 s; `MONE_RAY_CONNECT_TIMEOUT_S` changes it) and lets the command join within as long
+  again; otherwise `ClusterUnreachable`, whose one-line message names the address and the fix.
 
 A job started by `mone submit` has RAY_ADDRESS set by Ray, so it joins its cluster.
 """
@@ -91,6 +91,21 @@ def probe(host: str, port: int, timeout_s: float) -> str | None:
         time.sleep(1.0)
 
 
+def check_address(address: str | None = None) -> None:
+    """Fails fast (ClusterUnreachable) when the cluster a command is asked to join does not answer; called before
+    a command's slow preparations (decoding, dataset generation), and again by `init_ray`."""
+    target = requested_address(address)
+    if target == "local":
+        return
+    host, port = bootstrap_address(target, address)
+    timeout_s = connect_timeout()
+    why = probe(host, port, timeout_s)
+    if why:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {host}:{port} ({_where(target, address)}; {why} within {timeout_s:.0f} s): "
+            f"{_FIX}")
+
+
 def init_ray(address: str | None = None, *, command: str = "mone", **init_kwargs: Any) -> None:
     """`ray.init` for a command (see the module doc); a no-op when Ray is already initialised.
 
@@ -106,21 +121,16 @@ def init_ray(address: str | None = None, *, command: str = "mone", **init_kwargs
         ray.init(address="local", **init_kwargs)
         return
     timeout_s = connect_timeout()
-    t0 = time.monotonic()
+    check_address(address)  # something accepts connections there within timeout_s ...
     host, port = bootstrap_address(target, address)
-    why = probe(host, port, timeout_s)
-    if why:
-        raise ClusterUnreachable(
-            f"no Ray cluster answers at {host}:{port} ({_where(target, address)}; {why} within "
-            f"{timeout_s:.0f} s): {_FIX}")
-    message = (f"{command}: error: the Ray cluster at {host}:{port} ({_where(target, address)}) did not answer within "
-               f"{timeout_s:.0f} s: {_FIX}")
+    message = (f"{command}: error: the Ray cluster at {host}:{port} ({_where(target, address)}) accepted the "
+               f"connection but did not let this command join within {timeout_s:.0f} s: {_FIX}")
 
     def give_up() -> None:
         print(message, file=sys.stderr, flush=True)
         os._exit(EXIT_UNREACHABLE)
 
-    watchdog = threading.Timer(max(1.0, timeout_s - (time.monotonic() - t0)), give_up)
+    watchdog = threading.Timer(timeout_s, give_up)  # ... and Ray joins it within timeout_s more
     watchdog.daemon = True
     watchdog.start()
     try:

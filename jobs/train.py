@@ -121,9 +121,10 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
 
     from jobs import data as job_data
     from jobs import faults
-    from jobs.ray_connect import init_ray, requested_address
+    from jobs.ray_connect import check_address, init_ray, requested_address
 
     t0 = time.time()
+    check_address(address)  # a cluster that does not answer: one line now, not after the data is prepared
     if resource_check and not ray.is_initialized() and requested_address(address) == "local":
         # A local Ray gets this machine's CPUs: a request that cannot fit is refused before it starts (GPUs are
         # counted once Ray has detected them, below).

@@ -390,6 +390,9 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
                         f"its run directory); give --data DATASET_ROOT")
     if trials < len(targets):
         raise TuneError(f"--trials {trials}: need at least one per target budget ({len(targets)})")
+    from jobs.ray_connect import check_address
+
+    check_address(address)  # before the split is decoded
     if out is None:
         out = ckpt_dir.parent / "tune_budgets" if ckpt_dir.name == "inference" else Path("tune_budgets")
     out = Path(out).expanduser().resolve()
@@ -714,6 +717,9 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
     cfg = load_config(config, overrides)  # validated before Ray starts
     space = load_search_space(search_space)
     _check_space_against_config(config, overrides, space)
+    from jobs.ray_connect import check_address
+
+    check_address(address)
     if trials < 1:
         raise TuneError(f"--trials {trials}: must be >= 1")
     if metric is None:

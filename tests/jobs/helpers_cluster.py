@@ -159,6 +159,12 @@ class LocalCluster:
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.node_id == node_id)
 
+    def nodes_running(self, marker: str) -> list[Node]:
+        """Live worker nodes with a process whose command line (Ray's process title, e.g. `ray::ImplicitFunc`)
+        contains `marker`: the raylet starts its workers inside the node's session."""
+        return [n for n in self.nodes if n.alive and n is not self.head
+                and any(marker in _cmdline(pid) for pid in _session_pids(n.proc.pid))]
+
     def kill_node(self, node: Node) -> float:
         """A host lost: SIGKILL its raylet by pid, then everything left in its process group. Returns the time."""
         t = time.time()
