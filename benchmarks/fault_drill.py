@@ -90,14 +90,14 @@ def starts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
-    """The newest complete checkpoint's epoch (-1: none yet)."""
-    best = -1
-    for d in run_dir.glob("checkpoint_*"):
-        try:
-            best = max(best, json.loads((d / "train_state.json").read_text())["epoch"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return best
+    """The epoch of the newest checkpoint Ray Train committed (-1: none yet)."""
+    from jobs.faults import last_checkpoint
+
+    try:
+        found = last_checkpoint(str(run_dir))
+    except (OSError, ValueError):  # a file being replaced right now
+        return -1
+    return found[1] if found else -1
 
 
 def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, timeout_s: float = 900,

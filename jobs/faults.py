@@ -72,10 +72,23 @@ def lost_nodes(before: dict[str, str], wait_s: float = 20.0) -> list[tuple[str, 
         time.sleep(1.0)
 
 
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it committed
+
+
 def last_checkpoint(run_dir: str) -> tuple[str, int] | None:
-    """(path, epoch) of the newest complete Ray Train checkpoint in the run directory, if any."""
+    """(path, epoch) of the newest checkpoint Ray Train committed (every rank's shards uploaded, so it restores
+    from it), read from its snapshot; without one, the newest checkpoint folder holding our training state."""
     from jobs.train import STATE_FILE
 
+    snapshot = run_files.join(run_dir, RAY_TRAIN_SNAPSHOT)
+    if run_files.exists(snapshot):
+        try:
+            latest = json.loads(run_files.read_text(snapshot))["latest_checkpoint_result"]
+            if latest is None:
+                return None
+            return run_files.join(run_dir, latest["checkpoint_dir_name"]), int(latest["metrics"]["epoch"])
+        except (ValueError, KeyError, TypeError):  # another Ray version's format: look at the folders instead
+            pass
     found: list[tuple[int, str]] = []
     if run_files.is_remote(run_dir):
         import pyarrow.fs as pafs
