@@ -146,38 +146,53 @@ def test_a_bad_input_is_one_line_and_a_nonzero_exit(argv, says, capsys, monkeypa
 # =========================================================================== dead addresses (no cluster)
 
 
-@pytest.mark.slow
-def test_a_dead_address_ends_the_command_in_one_line_within_the_bound(tmp_path):
-    """Nothing listens (refused at once), or something listens but never speaks Ray (the watchdog): both end in
-    one line naming the address and the fix, well within the bound, for train and tune (evaluate: below)."""
-    tiny = [f"data.cache_dir={tmp_path / 'cache'}", *(f"data.synth.{k}={v}" for k, v in _drill().SYNTH.items())]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["MONE_RAY_CONNECT_TIMEOUT_S"] = "8"
+def test_a_refused_address_ends_every_command_in_one_line(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """--address or RAY_ADDRESS naming a port nobody listens on: train, tune (both), evaluate end at once, in one
+    line naming the address and the fix, before any data is prepared or decoded."""
+    from helpers_eval import assets
+
+    from jobs.cli import main
+
+    archive, ckpt = assets(tmp_path_factory)
     dead = f"127.0.0.1:{free_port()}"
-    mute = socket.socket()  # accepts TCP connections (the kernel's backlog), never answers
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {choice: [0.001, 0.002]}\n")
+    monkeypatch.setenv("MONE_RAY_CONNECT_TIMEOUT_S", "3")
+    commands = [["train", "--address", dead], ["tune", "train", "--search-space", str(space), "--address", dead],
+                ["tune", "budgets", "--checkpoint", str(ckpt), "--data", str(archive), "--address", dead],
+                ["evaluate", "--checkpoint", str(ckpt), "--videos", str(archive), "--out", str(tmp_path / "p.parquet"),
+                 "--address", dead]]
+    for argv in [*commands, ["train"]]:
+        if argv == ["train"]:
+            monkeypatch.setenv("RAY_ADDRESS", dead)
+        t0 = time.monotonic()
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        lines = [x for x in (out + err).splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1 and f"no Ray cluster answers at {dead}" in lines[0], (argv, out, err)
+        assert "ray start --head" in lines[0] and time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_an_address_that_accepts_but_never_answers_ends_in_one_line(tmp_path):
+    """Something accepts TCP connections at the address but is not a Ray cluster (or hangs): Ray's own connect
+    would retry forever; the command ends after the bound with one line (exit code 2)."""
+    tiny = [f"data.cache_dir={tmp_path / 'cache'}", *(f"data.synth.{k}={v}" for k, v in _drill().SYNTH.items())]
+    mute = socket.socket()  # the kernel completes the handshakes (backlog); nobody ever reads or answers
     mute.bind(("127.0.0.1", 0))
     mute.listen(8)
     silent = f"127.0.0.1:{mute.getsockname()[1]}"
-    space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {choice: [0.001, 0.002]}\n")
-    commands = [
-        (["train", "--address", dead], dead),
-        (["train", "--address", silent, *tiny], silent),
-        (["tune", "train", "--search-space", str(space), "--address", dead], dead),
-        (["train"], dead),  # RAY_ADDRESS
-    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["MONE_RAY_CONNECT_TIMEOUT_S"] = "8"
     try:
-        for argv, address in commands:
-            e = dict(env, RAY_ADDRESS=dead) if "--address" not in argv else env
-            t0 = time.monotonic()
-            rc, out, err, _ = mone(*argv, env=e, timeout=120)
-            took = time.monotonic() - t0
-            lines = [x for x in (out + err).splitlines() if x.strip()]
-            assert rc == 2 and address in lines[-1] and "ray start --head" in lines[-1], (argv, out, err)
-            assert "Traceback" not in out + err
-            assert took < 120, f"{argv}: {took:.0f} s"  # 2 x 8 s bound, plus start-up and data on a loaded box
+        t0 = time.monotonic()
+        rc, out, err, _ = mone("train", "--address", silent, *tiny, env=env, timeout=180)
+        took = time.monotonic() - t0
     finally:
         mute.close()
+    lines = [x for x in (out + err).splitlines() if x.strip()]
+    assert rc == 2 and silent in lines[-1] and "did not let this command join within 8 s" in lines[-1], out + err
+    assert "Traceback" not in out + err and took < 150  # the bound, plus start-up and tiny data on a loaded box
 
 
 @pytest.mark.slow
@@ -276,14 +291,14 @@ def _ctrl_c_leaves_the_job_running(dashboard: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_whole_cluster_restart_then_out_of_restarts_then_resume(tmp_path):
+def test_whole_cluster_restart_then_out_of_restarts(tmp_path):
     """Stop the whole cluster mid-run; on a fresh one, `mone submit` with the same run name resumes from storage.
     Then a node dies with no restarts left: the job fails naming the node, the last good checkpoint and the
-    command that resumes, and that command finishes the run."""
+    command that resumes (the very command that just resumed it)."""
     drill = _drill()
     storage, cache, name = tmp_path / "runs", tmp_path / "cache", "again"
     run_dir = storage / name
-    args = drill.train_args(storage, cache, name, epochs=3, max_failures=0, cpus_per_worker=0.5)
+    args = drill.train_args(storage, cache, name, epochs=4, max_failures=0, cpus_per_worker=0.5)
 
     def wait_checkpoint(epoch: int, timeout_s: float = 420) -> None:
         deadline = time.monotonic() + timeout_s
@@ -325,15 +340,9 @@ def test_whole_cluster_restart_then_out_of_restarts_then_resume(tmp_path):
         assert f"(node {victim.node_id[:12]})" in said
         assert f"last good checkpoint: {run_dir}/checkpoint_" in said and "(epoch 2 done)" in said
         resume = said.split("resume with: ", 1)[1].split("   (")[0]
-        assert resume == f"mone submit train -- {shlex.join(args)}"
-
-        second.add_node(1)  # a replacement host
-        rc, out, err, summary = mone(*shlex.split(resume)[1:3], "--address", second.dashboard_url, "--follow",
-                                     *shlex.split(resume)[3:])
-        assert rc == 0 and summary["status"] == "SUCCEEDED", err[-3000:] + out[-3000:]
-        assert summary["result"]["epochs"] == 3 and "resumed from epoch 2" in out
+        assert resume == f"mone submit train -- {shlex.join(args)}"  # what resumed it on this fresh cluster
     history = read_jsonl(run_dir / "metrics.jsonl")
-    assert [m["epoch"] for m in history] == [0, 1, 2]  # every epoch exactly once over three clusters' worth of runs
+    assert [m["epoch"] for m in history] == [0, 1]  # each epoch once over two clusters; epoch 3 died unfinished
     assert history[0] == before[0]
 
 
