@@ -52,7 +52,7 @@ def train_args(storage: Path, cache: Path, name: str, *, epochs: int = EPOCHS, m
         "--config", "tiny_cpu", f"optim.epochs={epochs}", f"optim.batch_size={BATCH}", "optim.warmup_epochs=0.5",
         *(f"data.synth.{k}={v}" for k, v in SYNTH.items()),
         f"scaling.num_workers={WORKERS}", f"scaling.cpus_per_worker={cpus_per_worker}", "data.decode_cpus=0.25",
-        "data.decode_concurrency=2", "mone.val_budgets=[0.3,1.0]", "run.checkpoint_every=1", "run.log_every=1",
+        "data.decode_concurrency=2", "mone.val_budgets=[0.3,1.0]", "run.checkpoint_every=1",
         f"run.max_failures={max_failures}", "run.record_shards=true", f"data.cache_dir={cache}",
         f"run.storage_path={storage}", f"run.name={name}",
     ]
@@ -90,14 +90,15 @@ def starts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
-    """The epoch of the newest checkpoint Ray Train committed (-1: none yet)."""
-    from jobs.faults import last_checkpoint
+    """The epoch of the newest checkpoint Ray Train has committed, from its own snapshot (-1: none yet). A folder
+    on storage is not enough: a checkpoint uploaded but not yet registered when its node dies is not restored."""
+    from jobs.faults import RAY_TRAIN_SNAPSHOT
 
     try:
-        found = last_checkpoint(str(run_dir))
-    except (OSError, ValueError):  # a file being replaced right now
+        latest = json.loads((run_dir / RAY_TRAIN_SNAPSHOT).read_text())["latest_checkpoint_result"]
+        return int(latest["metrics"]["epoch"]) if latest else -1
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or being replaced right now
         return -1
-    return found[1] if found else -1
 
 
 def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, timeout_s: float = 900,
@@ -106,20 +107,18 @@ def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, t
     t0 = time.time()
     storage, cache, name = work / "runs", work / "cache", "drill"
     run_dir = storage / name
-    log = work / "train.log"
+    log, out_file = work / "train.log", work / "train.out"  # stderr (Ray's logs, progress) / stdout (ours)
     with LocalCluster(fast_detection=fast_detection) as cluster:
         cluster.start_head()
-        cluster.add_node(2)
-        for _ in range(3):
-            cluster.add_node(1)
+        cluster.add_nodes(2, 1, 1, 1)
         echo(f"[drill] cluster up in {time.time() - t0:.0f} s: head (0 CPU) + 1 x 2 CPU + 3 x 1 CPU nodes at "
              f"{cluster.address}", flush=True)
         cmd = [sys.executable, "-m", "jobs.cli", "train", "--address", cluster.address,
                *train_args(storage, cache, name, max_failures=kills)]
-        env = {**cluster.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))}
-        with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        env = {**cluster.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
+               "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+        with open(log, "w") as f, open(out_file, "w") as o:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=f, start_new_session=True)
         kills_done: list[dict[str, Any]] = []
         try:
             for k in range(kills):
@@ -131,10 +130,11 @@ def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, t
                 nodes = sorted({w["node_id"] for w in attempt["workers"]})
                 victim = cluster.node(nodes[0])
                 done = [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")]
+                committed = checkpoint_epoch(run_dir)
                 killed_at = time.time()
                 cluster.kill_node(victim)
                 kills_done.append({"time": killed_at, "epoch": max(done) + 1 if done else 0,
-                                   "workers_on": len(nodes), "node": victim.node_id})
+                                   "checkpoint_epoch": committed, "workers_on": len(nodes), "node": victim.node_id})
                 echo(f"[drill] kill {k + 1}: node {victim.node_id[:12]} ({victim.num_cpus} CPU, "
                      f"{'all' if len(nodes) == 1 else 'one of the'} {len(attempt['workers'])} workers' node"
                      f"{'' if len(nodes) == 1 else 's'}) during epoch {kills_done[-1]['epoch']}", flush=True)
@@ -145,9 +145,10 @@ def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, t
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
-    out = log.read_text()
+    out = out_file.read_text()
     last = out.strip().splitlines()[-1] if out.strip() else ""
     summary = json.loads(last) if rc == 0 and last.startswith("{") else None
+    out += "\n---- stderr ----\n" + log.read_text()[-20000:]
     history = read_jsonl(run_dir / "metrics.jsonl")
     events = read_jsonl(run_dir / "attempts.jsonl")
     recovery = []

@@ -60,9 +60,12 @@ def alive_nodes() -> dict[str, str]:
     return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
 
 
-def lost_nodes(before: dict[str, str], wait_s: float = 20.0) -> list[tuple[str, str]]:
+def lost_nodes(before: dict[str, str], error: BaseException | None = None, wait_s: float = 20.0
+               ) -> list[tuple[str, str]]:
     """Nodes alive in `before` and dead now. Ray marks a node dead after missed health checks, which can come
-    after the workers' deaths surface: wait up to `wait_s` for one to show."""
+    after the workers' deaths surface: when `error` speaks of a node, wait up to `wait_s` for one to show."""
+    if error is not None and "node" not in short_reason(error).lower():
+        wait_s = 0.0
     deadline = time.monotonic() + wait_s
     while True:
         now = alive_nodes()

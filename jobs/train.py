@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         failure = failure or result.error
         bad_data = faults.data_error(failure)
         raise TrainingGaveUp(bad_data or faults.failure_message(
-            failure, run_dir=run_dir, lost=faults.lost_nodes(nodes_at_start), restarts=restarts,
+            failure, run_dir=run_dir, lost=faults.lost_nodes(nodes_at_start, failure), restarts=restarts,
             max_failures=cfg.run.max_failures, resume_command=resume_command or "the same command again")) from None
 
     # Consolidated outputs next to Ray's own: inference checkpoint, metric history, errors, plot.

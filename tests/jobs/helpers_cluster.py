@@ -2,7 +2,10 @@
 benchmarks/fault_drill.py).
 
 Every node is its own `ray start --block` process with its own raylet, started in its own session (process group):
-- a head with no CPUs (nothing but the GCS, the dashboard and drivers: work lands on the worker nodes);
+- a head with no CPUs (nothing but the GCS, the dashboard and drivers: work lands on the worker nodes). It runs
+  the dashboard as real clusters do: Ray Train's placement-group cleaner asks its State API whether a Train
+  controller died (a Tune trial lost with its node, one Tune ended at its last report); without it their
+  placement groups stay reserved and later work can starve;
 - worker nodes with a few logical CPUs each.
 `kill_node` simulates the loss of a host: SIGKILL to the node's raylet by pid, then to everything left in its
 process group. `stop` ends the whole cluster the same way, by process group: never `ray stop`, which would stop
@@ -70,12 +73,14 @@ class Node:
 class LocalCluster:
     """`with LocalCluster() as c: c.add_node(1); ... c.kill_node(node); ...` (see the module doc)."""
 
-    def __init__(self, *, dashboard: bool = False, fast_detection: bool = True, env: dict[str, str] | None = None):
+    def __init__(self, *, dashboard: bool = True, fast_detection: bool = True, env: dict[str, str] | None = None):
         self.temp_dir = tempfile.mkdtemp(prefix="rtf", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
         self.dashboard = dashboard
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                         "RAY_TMPDIR": self.temp_dir, "RAY_USAGE_STATS_ENABLED": "0"})
+                         "RAY_TMPDIR": self.temp_dir, "RAY_USAGE_STATS_ENABLED": "0",
+                         # every node's log monitor forwards the shared session's logs (on one host): keep them short
+                         "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
         if fast_detection:
             self.env.update(FAST_DETECTION)
@@ -107,7 +112,7 @@ class LocalCluster:
                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
         return [f"--{p}={free_port()}" for p in ports] + ["--min-worker-port=0", "--max-worker-port=0"]
 
-    def _start(self, name: str, args: list[str], num_cpus: int) -> Node:
+    def _launch(self, name: str, args: list[str], num_cpus: int) -> Node:
         log = Path(self.temp_dir) / f"{name}.log"
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", f"--num-cpus={num_cpus}",
                "--disable-usage-stats", *args, *self._agent_ports()]
@@ -115,6 +120,10 @@ class LocalCluster:
             proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, proc, num_cpus, log=log)
         self.nodes.append(node)
+        return node
+
+    def _start(self, name: str, args: list[str], num_cpus: int) -> Node:
+        node = self._launch(name, args, num_cpus)
         self._wait_for_raylet(node)
         return node
 
@@ -155,6 +164,13 @@ class LocalCluster:
 
     def add_node(self, num_cpus: int = 1) -> Node:
         return self._start(f"node{len(self.nodes)}", [f"--address={self.address}"], num_cpus)
+
+    def add_nodes(self, *num_cpus: int) -> list[Node]:
+        """Several worker nodes, started together (each `ray start` spends most of its time waiting)."""
+        nodes = [self._launch(f"node{len(self.nodes)}", [f"--address={self.address}"], n) for n in num_cpus]
+        for node in nodes:
+            self._wait_for_raylet(node)
+        return nodes
 
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.node_id == node_id)
