@@ -231,12 +231,12 @@ def test_a_stale_local_address_file_is_ignored(tmp_path):
             "init_ray(sys.argv[1] if len(sys.argv) > 1 else None, command='mone x', include_dashboard=False, "
             "num_cpus=1); print('joined', ray.get_runtime_context().gcs_address); ray.shutdown()")
     try:
+        auto = subprocess.run([sys.executable, "-c", code, "auto"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
         t0 = time.monotonic()
         own = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=120)
         took = time.monotonic() - t0
-        auto = subprocess.run([sys.executable, "-c", code, "auto"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=60)
     finally:
         import shutil
 
