@@ -64,6 +64,16 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def last_json(text: str) -> dict | None:
+    """A command's final JSON line, also when a progress display left cursor codes in front of it."""
+    for line in reversed(text.splitlines()):
+        at = line.find('{"')
+        if at >= 0:
+            with contextlib.suppress(ValueError):
+                return json.loads(line[at:])
+    return None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
@@ -472,8 +482,7 @@ def test_tune_trial_is_restored_from_its_checkpoint_after_its_node_dies(tmp_path
             assert proc.wait(timeout=600) == 0, (tmp_path / "tune.log").read_text()[-5000:]
         finally:
             stop(proc)
-    out = (tmp_path / "tune.log").read_text()
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = last_json((tmp_path / "tune.log").read_text())
     assert summary["trials"] == 2 and summary["errors"] == 0
     import pandas as pd
 
