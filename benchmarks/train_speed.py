@@ -4,7 +4,10 @@ The same Ray Data stream (decode -> sample -> tokens, pipeline.dataset.build_dat
 (forward + backward + AdamW step). Three contenders run in interleaved rounds over the same clips, so machine load
 hits them alike: dense (e_c = 1), MoNE at e_c = 0.3, and MoNE with e_c drawn per step from the paper's training set
 {0.15, ..., 0.95}. Prints clips/s per contender, the FLOPs ratio (analytic, fwd+bwd = 3x forward) and the ratio of
-measured speed-up to FLOPs ratio, then one JSON line.
+measured speed-up to FLOPs ratio, then one JSON line. It also times how long each step waited for its batch: when
+that data-wait exceeds 30 % of step time (`jobs.progress.INPUT_BOUND_FRACTION`, the threshold training warns at)
+for a contender, the run was input-bound, its clips/s measure the pipeline rather than the model, and the JSON line
+says so (`input_bound`, `data_wait_fraction_*`).
 
     python benchmarks/train_speed.py                # vivit_s16 at 112 px, 8 frames (CPU-sized)
     python benchmarks/train_speed.py --quick        # fewer steps
@@ -49,7 +52,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from pipeline.dataset import build_dataset, torch_collate
+    from jobs.progress import INPUT_BOUND_FRACTION
+    from pipeline.dataset import TorchCollate, build_dataset
     from pipeline.manifest import build_manifest, select_split
     from pipeline.sampling import ClipSpec
     from pipeline.synth import generate
@@ -83,12 +87,15 @@ def main() -> None:
         def batches():
             while True:  # the stream re-executes each pass (an epoch)
                 yield from ds.iter_torch_batches(batch_size=args.batch, drop_last=True, prefetch_batches=2,
-                                                 collate_fn=torch_collate)
+                                                 collate_fn=TorchCollate())
 
         stream = batches()
 
-        def step(budget) -> None:
+        def step(budget) -> float:
+            """One training step; returns the seconds it waited for its batch."""
+            t = time.perf_counter()
             b = next(stream)
+            wait = time.perf_counter() - t
             tokens = b["tokens"][:, 0].to(device, non_blocking=True)  # (B, L, K) uint8
             label = b["label"].to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -98,17 +105,21 @@ def main() -> None:
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            return wait
 
         for budget in contenders.values():  # warm-up: allocator, first decodes
             step(budget())
         rates: dict[str, list[float]] = {k: [] for k in contenders}
+        waits: dict[str, list[float]] = {k: [] for k in contenders}
         for r in range(args.rounds):
             for name, budget in contenders.items():
                 t = time.perf_counter()
-                for _ in range(args.steps):
-                    step(budget())
-                rates[name].append(args.steps * args.batch / (time.perf_counter() - t))
-                print(f"round {r + 1}/{args.rounds} {name:13s} {rates[name][-1]:7.2f} clips/s", flush=True)
+                waited = sum(step(budget()) for _ in range(args.steps))
+                dt = time.perf_counter() - t
+                rates[name].append(args.steps * args.batch / dt)
+                waits[name].append(waited / dt)
+                print(f"round {r + 1}/{args.rounds} {name:13s} {rates[name][-1]:7.2f} clips/s, data-wait "
+                      f"{100 * waits[name][-1]:.0f}%", flush=True)
         stream.close()  # stop the open Ray Data iterator before Ray goes away (else its threads log errors)
         ray.shutdown()
 
@@ -118,6 +129,8 @@ def main() -> None:
     f_sampled = statistics.mean(model_flops(cfg, capacities=capacities_for_budget(b)) for b in PAPER_BUDGETS)
     med = {k: statistics.median(v) for k, v in rates.items()}
     flops_ratio, flops_ratio_s = dense_f / f03, dense_f / f_sampled
+    wait = {k: sum(v) / len(v) for k, v in waits.items()}  # mean data-wait fraction over rounds
+    input_bound = sorted(k for k, v in wait.items() if v > INPUT_BOUND_FRACTION)
     speed, speed_s = med["mone_ec0.3"] / med["dense"], med["mone_sampled"] / med["dense"]
     print(f"\n{args.variant} {args.img_size}px x {args.frames} frames, batch {args.batch}, {device.type}; "
           f"train step GFLOPs/clip (3x forward): dense {3 * dense_f / 1e9:.2f}, e_c 0.3 {3 * f03 / 1e9:.2f}")
@@ -126,6 +139,9 @@ def main() -> None:
           f"fewer FLOPs ({speed / flops_ratio:.2f} of the FLOPs ratio; target >= 0.5)")
     print(f"  MoNE sampled   {med['mone_sampled']:7.2f} clips/s   speed-up {speed_s:.2f}x for {flops_ratio_s:.2f}x "
           f"fewer FLOPs ({speed_s / flops_ratio_s:.2f})")
+    print("  data-wait: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in wait.items()) + (
+        f" -> INPUT-BOUND ({', '.join(input_bound)}): these clips/s measure the data pipeline, not the model; give "
+        "decoding more CPUs or use clips_per_video" if input_bound else " -> not input-bound"))
     print(json.dumps({
         "benchmark": "train_speed", "variant": args.variant, "img_size": args.img_size, "frames": args.frames,
         "batch": args.batch, "device": device.type, "dense_clips_per_s": round(med["dense"], 3),
@@ -133,7 +149,9 @@ def main() -> None:
         "mone_sampled_clips_per_s": round(med["mone_sampled"], 3),
         "flops_ratio_ec0.3": round(flops_ratio, 3), "speedup_ec0.3": round(speed, 3),
         "speedup_over_flops_ratio_ec0.3": round(speed / flops_ratio, 3), "flops_ratio_sampled": round(flops_ratio_s, 3),
-        "speedup_sampled": round(speed_s, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "speedup_sampled": round(speed_s, 3), "input_bound": bool(input_bound), "input_bound_contenders": input_bound,
+        **{f"data_wait_fraction_{k}": round(v, 3) for k, v in wait.items()},
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }))
 
 

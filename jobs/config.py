@@ -62,7 +62,11 @@ class DataConfig:
     decode_cpus: float = 0.25  # CPUs per decode task; leaves room for Train workers (STACK.md deadlock 1)
     decode_concurrency: int = 2
     max_error_fraction: float = 0.05
-    val_views: str = "1x1"  # temporal x spatial views at validation
+    val_views: str = "1x1"  # temporal x spatial views of the validation after every epoch (keep it cheap: 1x1)
+    # The config's full view protocol (e.g. 4x3 for K400), run once after the last epoch over the final weights;
+    # empty: none (the last per-epoch validation is the result).
+    final_views: str = ""
+    clips_per_video: int = 1  # repeated sampling (VideoMAE's num_sample): k training clips per decoded video
 
 
 @dataclass
@@ -296,11 +300,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.num_frames={d.num_frames} must be a multiple of data.tubelet_t={d.tubelet_t}")
     if not 0 <= d.max_error_fraction <= 1:
         raise ConfigError(f"data.max_error_fraction={d.max_error_fraction} must be in [0, 1]")
-    try:
-        t, s = (int(v) for v in d.val_views.lower().split("x"))
-        assert t >= 1 and s >= 1
-    except (ValueError, AssertionError):
-        raise ConfigError(f"data.val_views='{d.val_views}' must look like 1x1 or 4x3 (temporal x spatial)") from None
+    for key in ("val_views", "final_views"):
+        value = getattr(d, key)
+        if key == "final_views" and not value:
+            continue
+        try:
+            t, s = (int(v) for v in value.lower().split("x"))
+            assert t >= 1 and s in (1, 3)
+        except (ValueError, AssertionError):
+            raise ConfigError(f"data.{key}='{value}' must look like 1x1 or 4x3 (temporal x spatial, spatial 1 or "
+                              "3)") from None
+    if d.clips_per_video < 1:
+        raise ConfigError(f"data.clips_per_video={d.clips_per_video} must be >= 1 (clips drawn per decoded video)")
     m = cfg.mone
     if not m.train_budgets:
         raise ConfigError("mone.train_budgets is empty: give at least one budget, e.g. [0.3]")

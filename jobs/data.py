@@ -24,8 +24,9 @@ class PreparedData:
     train_manifest: Any  # pyarrow.Table
     val_manifest: Any
     train_clip: dict[str, Any]
-    eval_clip: dict[str, Any]
+    eval_clip: dict[str, Any]  # the per-epoch validation's views (data.val_views)
     missing: list[str] = field(default_factory=list)
+    final_clip: dict[str, Any] | None = None  # the full view protocol after the last epoch (data.final_views)
 
     @property
     def num_train(self) -> int:
@@ -137,9 +138,10 @@ def ensure_synthetic(cfg: TrainConfig) -> Path:
     return root
 
 
-def clip_spec_dict(cfg: TrainConfig, *, train: bool) -> dict[str, Any]:
+def clip_spec_dict(cfg: TrainConfig, *, train: bool, views: str | None = None) -> dict[str, Any]:
+    """The ClipSpec fields of the training clips, or of evaluation with `views` (default data.val_views)."""
     d = cfg.data
-    t_views, s_views = (1, 1) if train else (int(v) for v in d.val_views.lower().split("x"))
+    t_views, s_views = (1, 1) if train else (int(v) for v in (views or d.val_views).lower().split("x"))
     return {
         "num_frames": d.num_frames, "sampling": d.sampling, "stride": d.stride, "short_side": d.short_side,
         "crop_size": d.crop_size, "tubelet_t": d.tubelet_t, "patch": d.patch, "train": train,
@@ -167,7 +169,15 @@ def prepare(cfg: TrainConfig) -> PreparedData:
                              f"(set data.train_split / data.val_split)")
     return PreparedData(root=root, layout=m.layout, labels=list(m.labels), train_manifest=train, val_manifest=val,
                         train_clip=clip_spec_dict(cfg, train=True), eval_clip=clip_spec_dict(cfg, train=False),
-                        missing=list(m.missing))
+                        missing=list(m.missing), final_clip=final_clip_spec(cfg))
+
+
+def final_clip_spec(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The full view protocol run once after the last epoch, or None when the per-epoch validation is it."""
+    final = cfg.data.final_views.lower()
+    if not final or final == cfg.data.val_views.lower():
+        return None
+    return clip_spec_dict(cfg, train=False, views=final)
 
 
 def ray_datasets(cfg: TrainConfig, data: PreparedData) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -180,15 +190,26 @@ def ray_datasets(cfg: TrainConfig, data: PreparedData) -> tuple[dict[str, Any], 
 
     d = cfg.data
     datasets, logs = {}, {}
-    for name, manifest, clip, epoch in (("train", data.train_manifest, data.train_clip, None),
-                                        ("val", data.val_manifest, data.eval_clip, 0)):
+    streams = [("train", data.train_manifest, data.train_clip, None, d.clips_per_video),
+               ("val", data.val_manifest, data.eval_clip, 0, 1)]
+    if data.final_clip is not None:
+        streams.append((FINAL_EVAL, data.val_manifest, data.final_clip, 0, 1))
+    for name, manifest, clip, epoch, k in streams:
         logs[name] = ErrorLog(manifest.num_rows, d.max_error_fraction)
         datasets[name] = build_dataset(
             manifest, ClipSpec(**clip), decoder=d.decoder, concurrency=(1, max(1, d.decode_concurrency)),
             num_cpus_per_task=d.decode_cpus, seed=cfg.run.seed, epoch=epoch, error_log=logs[name],
-            max_error_fraction=d.max_error_fraction,
+            max_error_fraction=d.max_error_fraction, clips_per_video=k,
         )
     return datasets, logs
+
+
+FINAL_EVAL = "val_final"  # the dataset (and metrics key prefix) of the full-protocol evaluation after training
+
+
+def train_clips(cfg: TrainConfig, num_videos: int) -> int:
+    """Training rows per epoch: data.clips_per_video clips of every video."""
+    return num_videos * cfg.data.clips_per_video
 
 
 def write_errors(logs: dict[str, Any], run_dir: str) -> int:

@@ -197,12 +197,16 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "global_step": last.get("global_step", 0),
         "wall_s": round(time.time() - t0, 1),
         "train_loss": last.get("train_loss"),
+        "data_wait_fraction": last.get("data_wait_fraction"),
         "bad_videos": n_errors,
+        "val_views": cfg.data.val_views,  # the per-epoch validation below (last epoch)
         "restarts": restarts,  # worker-group restarts Ray Train made during this command (node or worker losses)
     }
     for b in cfg.mone.val_budgets:
         for key in (f"top1_ec{b}", f"top5_ec{b}", f"gflops_ec{b}", f"clips_per_s_ec{b}"):
             summary[key] = last.get(key)
+    if last.get(job_data.FINAL_EVAL):  # the full view protocol, once over the final weights
+        summary[job_data.FINAL_EVAL] = last[job_data.FINAL_EVAL]
     print(f"[mone] done in {summary['wall_s']} s. run directory: {run_dir}\n"
           f"[mone] inference checkpoint: {inference_dir}\n[mone] plot: {plot}\n"
           f"[mone] metrics: {run_files.join(run_dir, 'metrics.jsonl')}")
@@ -225,7 +229,8 @@ def build_trainer(cfg: TrainConfig, data, datasets: dict[str, Any], train_error_
         "num_train": data.num_train,
         "num_val": data.num_val,
         "run_dir": run_dir,
-        "eval_clip": data.eval_clip,
+        "eval_clip": data.final_clip or data.eval_clip,  # what `mone evaluate` decodes by default
+        "final_views": cfg.data.final_views if data.final_clip else None,
         "train_error_log": train_error_log,
         "invocation": invocation or faults.new_invocation(),  # groups this command's attempts in attempts.jsonl
         "driver": faults.here(),
@@ -388,6 +393,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from jobs import data as job_data
     from jobs import faults
     from jobs.checkpoint import save_inference
+    from jobs.progress import RunPace, format_duration
     from models.capacity import capacities_for_budget
     from models.flops import model_flops
     from models.vit import create_model
@@ -415,7 +421,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import deepspeed
 
     _disable_deepspeed_shm_comm()
-    steps_per_epoch = max(1, loop["num_train"] // (cfg.optim.batch_size * world))
+    steps_per_epoch = max(1, job_data.train_clips(cfg, loop["num_train"]) // (cfg.optim.batch_size * world))
     decay, no_decay = [], []
     for name, p in net.named_parameters():
         (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name else decay).append(p)
@@ -446,6 +452,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     probs = job_data.budget_probabilities(budgets, cfg.mone.isoflops_target if cfg.mone.isoflops else None)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    final_shard = ray.train.get_dataset_shard(job_data.FINAL_EVAL) if loop.get("final_views") else None
+    pace = RunPace(cfg.optim.epochs, start_epoch)  # data-wait and ETAs
 
     def budget_arg(e_c: float):
         return None if e_c >= 1.0 else capacities_for_budget(e_c, delta=cfg.mone.delta, beta=cfg.mone.beta)
@@ -456,7 +464,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         engine.train()
         t_epoch, n_clips, loss_sum, n_steps = time.time(), 0, 0.0, 0
         seen: list[str] = []
-        for batch in job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True):
+        ep = pace.epoch(epoch, steps_per_epoch)
+        for batch in ep.wrap(job_data.iter_batches(train_shard, cfg.optim.batch_size, device, train=True)):
             seen += batch["path"]
             tokens, target = batch["tokens"][:, 0], batch["label"]  # (B, L, K) uint8, (B,)
             # Same e_c on every worker for a step (seeded by the step): no rank waits on a slower budget.
@@ -480,8 +489,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 rate = n_clips * world / (time.time() - t_epoch)
                 print(f"[mone] epoch {epoch + 1}/{cfg.optim.epochs} step {n_steps}/~{steps_per_epoch} "
                       f"loss {loss.item():.3f} e_c {e_c:.2f} lr {scheduler.get_last_lr()[0]:.2e} "
-                      f"{rate:.1f} clips/s", flush=True)
+                      f"{rate:.1f} clips/s {ep.status()}", flush=True)
+                ep.warn_if_input_bound(lambda msg: print(msg, flush=True))
         train_time = time.time() - t_epoch
+        if rank == 0:
+            ep.warn_if_input_bound(lambda msg: print(msg, flush=True), force=True)
         if cfg.run.record_shards:
             run_files.write_text(run_files.join(loop["run_dir"], "shards", f"epoch{epoch}_rank{rank}.txt"),
                                  "".join(p + "\n" for p in seen))
@@ -492,18 +504,24 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(1, n_steps),
             "train_clips_per_s": n_clips * world / max(train_time, 1e-9),
             "lr": scheduler.get_last_lr()[0],
+            **ep.summary(),
         }
         metrics.update(_validate(model, val_shard, cfg, device, amp_dtype, budget_arg, model_flops))
+        last_epoch = epoch == cfg.optim.epochs - 1
+        if last_epoch and final_shard is not None:  # the full view protocol, once, over the final weights
+            metrics[job_data.FINAL_EVAL] = {"views": loop["final_views"], "weights": f"final (epoch {epoch + 1})",
+                                            **_validate(model, final_shard, cfg, device, amp_dtype, budget_arg,
+                                                        model_flops)}
         history.append(metrics)
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
                                  "".join(json.dumps(m) + "\n" for m in history))
-            print("[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, ".format(
-                epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"])
+            print("[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, data-wait {:.0f}%, ".format(
+                epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"],
+                100 * metrics["data_wait_fraction"])
                 + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets),
                 flush=True)
 
-        last_epoch = epoch == cfg.optim.epochs - 1
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last_epoch:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(os.path.join(tmp, DS_SUBDIR), tag=DS_TAG)  # every rank: its own shards
@@ -521,6 +539,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        pace.end_epoch()
+        if rank == 0 and not last_epoch:
+            print(f"[mone] ETA run {format_duration(pace.eta_s())}", flush=True)
 
 
 def _record_attempt(loop: dict[str, Any], rank: int, world: int, start_epoch: int, global_step: int) -> None:

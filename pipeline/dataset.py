@@ -1,13 +1,22 @@
 """From a manifest to streams of uint8 token clips: Ray Data for training, a plain iterator for everything else.
 
-One function does the work for both (`load_clip`): decode (reduced size) -> sample -> transform -> tokenize,
-giving `tokens` uint8 `(V, L, K)` per clip (docs/interfaces.md).
+One function does the work for both (`load_clips`): decode (reduced size) -> sample -> transform -> tokenize,
+giving `tokens` uint8 `(V, L, K)` per clip (docs/interfaces.md); with `clips_per_video` k > 1 one decode feeds k
+clips, each with its own crop/flip (repeated sampling, VideoMAE's num_sample).
 
 Ray Data (`build_dataset`)::
 
-    manifest (Arrow) --from_arrow, many small blocks--> map_batches(ClipLoader: class UDF, batch_size 4,
-    num_cpus configurable/fractional, in a task pool (default) or an actor pool) --streaming-->
-    ray.train.get_dataset_shard(...).iter_torch_batches(collate_fn=TorchCollate())
+    chunks of the epoch's order (start, stop; one tiny block each, a few hundred whatever the archive's size)
+      --map_batches(ClipLoader: a generator class UDF in a task pool (default) or an actor pool, num_cpus
+        fractional)--> one block of `batch_size` videos x k clips at a time, streamed out of each task
+      --> ray.train.get_dataset_shard(...).iter_torch_batches(collate_fn=TorchCollate())
+
+Where the CPU goes and why it is built so (benchmarks/pipeline_speed.py measures it by stage): decoding is nearly
+all of it; Ray's own cost is per task, per block and per second of wall time (its processes poll), not per byte
+(the uint8 tokens go to Arrow and the object store without a per-row conversion). So a task works through many
+videos (`videos_per_task`, up to 64) but still emits a block every `batch_size` videos, and an epoch needs no
+all-to-all shuffle: each task computes the epoch's permutation itself from (seed, epoch) and the manifest (put in
+the object store once, read once per worker process).
 
 Rows: `tokens` uint8 (V, L, K), `label` int64, `path` str. A bad video never stops the stream: the UDF drops
 it from its output and records (path, stage, error) with an `ErrorLog` actor (a streaming dataset cannot be read
@@ -20,8 +29,8 @@ them (materialises; for offline checks, not for streaming).
 Epochs: Ray Train re-executes the same dataset every epoch. Sampling offsets, crops and flips are seeded per clip
 from (seed, epoch, path), so a clip is the same on any worker and in any order. Pass `epoch=` to fix it, or leave
 `epoch=None` and call `error_log.set_epoch(e)` at the start of each epoch (like DistributedSampler.set_epoch);
-the workers read it. Order: rows are permuted with (seed, epoch) when the dataset is built and the block order
-is re-randomised on every execution (not seeded).
+the workers read it. Order: each epoch visits the videos in a permutation seeded with (seed, epoch) (`epoch_order`,
+the same as `iter_clips`); blocks arrive in roughly that order (tasks run in parallel).
 
 Resources (STACK.md deadlock 1): with Train workers holding CPUs, Ray Data needs some left. `num_cpus_per_task`
 may be fractional (e.g. 0.25) and `concurrency` bounds the concurrent decode tasks (or actors); the defaults
@@ -34,8 +43,8 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import uuid
-import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -55,6 +64,7 @@ log = logging.getLogger(__name__)
 ERRORS_FILE = "errors.parquet"
 ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("stage", pa.string()), ("error", pa.string())])
 DEFAULT_MAX_ERROR_FRACTION = 0.05
+DEFAULT_UDF_BATCH = 4  # videos per decode task
 
 
 class TooManyErrors(RuntimeError):
@@ -82,16 +92,62 @@ def load_clip(path: str, spec: ClipSpec, *, decoder: str = "auto", rng: np.rando
 
     Raises DecodeError (stage 'open'/'decode') for bad files, and other exceptions tagged by `stage_of`.
     """
+    return load_clips(path, spec, decoder=decoder, rng=rng)[0]
+
+
+def load_clips(path: str, spec: ClipSpec, *, decoder: str = "auto", rng: np.random.Generator | None = None,
+               clips_per_video: int = 1, clock: StageClock | None = None) -> np.ndarray:
+    """One decode, `clips_per_video` clips: uint8 tokens (k, V, L, K).
+
+    Repeated sampling (VideoMAE's `num_sample`): the frames are sampled and decoded once, then each of the k clips
+    gets its own spatial transform (crop, flip, ...) drawn from `rng` in turn, so clip j is a function of
+    (rng's seed, j) alone. k = 1 draws exactly what `load_clip` always drew. `clock` accumulates CPU seconds by stage.
+    """
+    clock = clock or StageClock()
+
     def indices(n: int, fps: float) -> np.ndarray:
         with _stage("sample"):
             return sample_indices(n, spec, rng)  # (Vt, T)
 
-    frames, _ = read_frames(path, indices, decoder=decoder, short_side=spec.short_side)  # (Vt, T, h, w, 3)
-    with _stage("transform"):
-        views = [v for clip in frames for v in spatial_views(clip, spec, rng)]  # V x (T, crop, crop, 3)
-        clips = np.stack(views)  # (V, T, crop, crop, 3)
-    with _stage("tokenize"):
-        return tubelet_patchify(clips, spec.tubelet_t, spec.patch)  # (V, L, K)
+    with clock("decode"):
+        frames, _ = read_frames(path, indices, decoder=decoder, short_side=spec.short_side)  # (Vt, T, h, w, 3)
+    out = np.empty((clips_per_video, *spec.tokens_shape), np.uint8)  # (k, V, L, K)
+    for j in range(clips_per_video):
+        with clock("transform"), _stage("transform"):
+            views = [v for clip in frames for v in spatial_views(clip, spec, rng)]  # V x (T, crop, crop, 3)
+            clips = np.stack(views)  # (V, T, crop, crop, 3)
+        with clock("tokenize"), _stage("tokenize"):
+            out[j] = tubelet_patchify(clips, spec.tubelet_t, spec.patch)  # (V, L, K)
+    return out
+
+
+class StageClock:
+    """CPU seconds per pipeline stage, summed over calls (`with clock("decode"): ...`).
+
+    decode is timed as process CPU (decord converts frames on a thread of its own, so the caller's thread time
+    misses most of it); the numpy stages as the calling thread's CPU."""
+
+    PROCESS_STAGES = ("decode",)
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+        self._name = ""
+        self._t0 = 0.0
+
+    def __call__(self, name: str) -> StageClock:
+        self._name = name
+        return self
+
+    def _now(self) -> float:
+        return time.process_time() if self._name in self.PROCESS_STAGES else time.thread_time()
+
+    def __enter__(self):
+        self._t0 = self._now()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds[self._name] += self._now() - self._t0
+        return False
 
 
 class _stage:
@@ -152,9 +208,7 @@ def iter_clips(manifest: pa.Table, spec: ClipSpec, *, decoder: str = "auto", see
     _single_thread_torch()
     paths = manifest.column("path").to_pylist()
     labels = manifest.column("label").to_pylist()
-    order = np.arange(len(paths))
-    if spec.train if shuffle is None else shuffle:
-        order = np.random.default_rng([seed, epoch, 1]).permutation(len(paths))
+    order = epoch_order(len(paths), seed, epoch, spec.train if shuffle is None else shuffle)
     budget = error_budget(len(paths), max_error_fraction) if max_error_fraction is not None else None
     mine: list[ClipError] = []
     for i in order:
@@ -348,19 +402,34 @@ _CRASH_MARKER = os.environ.get("MONE_TEST_CRASH_MARKER", "")
 
 
 class ClipLoader:
-    """Ray Data class UDF: a batch of manifest rows -> a batch of token clips (bad rows dropped and logged).
+    """The decode UDF of `build_dataset` (Ray Data, class UDF): chunks of an epoch's video order -> token clips.
 
-    Batch in: {"path": str, "label": int}. Batch out: {"tokens": uint8 (B, V, L, K), "label": int64 (B,),
-    "path": str (B,)} (+ "error", "stage" with keep_errors)."""
+    Batch in: rows {"start", "stop"}: positions in the epoch's order of the manifest (a permutation seeded with
+    (seed, epoch) when shuffling, else manifest order), which each worker computes itself from the manifest (one
+    object-store copy, read once per process) and the epoch (from the error log when `epoch=None`). Out: one batch
+    per `batch_size` videos (a generator: blocks stream out of a long task as they are decoded):
+    {"tokens": uint8 (b*k, V, L, K), "label": int64 (b*k,), "path": str (b*k,)}, k = clips_per_video rows per good
+    video; bad videos dropped and logged (+ "error", "stage" columns with keep_errors; + "cpu_s" float64 (b*k, 4)
+    with profile: CPU seconds per row in decode, sample/transform, tokenize and the whole UDF call, a video's cost
+    shared by its k rows)."""
 
-    def __init__(self, spec: ClipSpec | dict, decoder: str = "auto", seed: int = 0, epoch: int | None = 0,
-                 error_log: ErrorLog | None = None, keep_errors: bool = False, guard: str = "default"):
+    def __init__(self, spec: ClipSpec | dict, manifest, decoder: str = "auto", seed: int = 0,
+                 epoch: int | None = 0, shuffle: bool = False, batch_size: int = DEFAULT_UDF_BATCH,
+                 error_log: ErrorLog | None = None, keep_errors: bool = False, guard: str = "default",
+                 clips_per_video: int = 1, profile: bool = False):
         self.spec = spec if isinstance(spec, ClipSpec) else ClipSpec(**spec)
-        self.decoder, self.seed, self.fixed_epoch = decoder, seed, epoch
+        self.manifest = manifest  # pa.Table (path, label) or an ObjectRef to one
+        self.decoder, self.seed, self.fixed_epoch, self.shuffle = decoder, seed, epoch, shuffle
+        self.batch_size = batch_size
         self.log = error_log
         self.keep_errors = keep_errors
         self.guard = _CrashGuard(guard)
+        self.k = int(clips_per_video)
+        self.profile = profile
         self._threads_set = False
+        self._rows: tuple[list[str], np.ndarray] | None = None
+        self._unreported_good = 0  # good videos not yet counted in the error log (sent once per chunk)
+        self._order: tuple[int, np.ndarray] | None = None
 
     def _epoch(self) -> int:
         if self.fixed_epoch is not None:
@@ -371,28 +440,58 @@ class ClipLoader:
 
         return ray.get(self.log.actor.get_epoch.remote())
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._rows is None:
+            table = self.manifest
+            if not isinstance(table, pa.Table):
+                import ray
+
+                table = ray.get(table)
+            self._rows = (table.column("path").to_pylist(), table.column("label").to_numpy().astype(np.int64))
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self._rows[0]), self.seed, epoch, self.shuffle))
+        return self._order[1]
+
+    def __call__(self, chunks: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         epoch = self._epoch()
-        all_paths = [str(p) for p in batch["path"]]
+        order = self._epoch_order(epoch)
+        paths, labels = self._rows
+        for start, stop in zip(chunks["start"], chunks["stop"], strict=True):
+            rows = order[int(start):int(stop)]
+            for i in range(0, len(rows), self.batch_size):
+                sub = rows[i:i + self.batch_size]
+                yield self.decode_batch([paths[j] for j in sub], labels[sub], epoch)
+        if self.log is not None and self._unreported_good:
+            self.log.actor.add.remote(epoch, self._unreported_good, [])  # fire and forget
+        self._unreported_good = 0
+
+    def decode_batch(self, all_paths: list[str], all_labels, epoch: int) -> dict[str, np.ndarray]:
+        """Videos -> their clips (bad ones dropped and logged; see the class doc for the columns)."""
+        t_call = time.process_time()
         died_on = self.guard.start(all_paths)
         skip = {died_on[1]} if died_on else set()
-        tokens, labels, paths, errs = [], [], [], []
-        for path, label in zip(all_paths, batch["label"], strict=True):
+        k = self.k
+        tokens = np.empty((len(all_paths) * k, *self.spec.tokens_shape), np.uint8)  # (B*k, V, L, K), filled in place
+        labels, paths, errs, costs = [], [], [], []
+        for path, label in zip(all_paths, all_labels, strict=True):
+            clock = StageClock()
             try:
                 if path in skip:
                     raise _Crashed(CRASH_ERROR)
                 self.guard.begin(epoch, path)
                 if _CRASH_MARKER and _CRASH_MARKER in path:
                     os.abort()
-                tokens.append(load_clip(path, self.spec, decoder=self.decoder, rng=clip_rng(self.seed, epoch, path)))
-                labels.append(int(label))
-                paths.append(path)
+                clips = load_clips(path, self.spec, decoder=self.decoder, rng=clip_rng(self.seed, epoch, path),
+                                   clips_per_video=k, clock=clock)  # (k, V, L, K)
+                tokens[len(labels):len(labels) + k] = clips
             except Exception as e:  # noqa: BLE001 - one bad file never stops the stream
                 errs.append((path, stage_of(e), CRASH_ERROR if isinstance(e, _Crashed) else _error_text(e)))
-                if self.keep_errors:
-                    tokens.append(np.zeros(self.spec.tokens_shape, np.uint8))
-                    labels.append(int(label))
-                    paths.append(path)
+                if not self.keep_errors:
+                    continue
+                tokens[len(labels):len(labels) + k] = 0
+            labels += [int(label)] * k
+            paths += [path] * k
+            costs += [[clock.seconds[s] / k for s in ("decode", "transform", "tokenize")]] * k
             if not self._threads_set and "torch" in sys.modules:  # torch is imported lazily (resizes only)
                 _single_thread_torch()  # one clip per CPU: parallelism comes from the worker pool
                 self._threads_set = True
@@ -400,13 +499,16 @@ class ClipLoader:
         if self.log is not None:
             import ray
 
-            ref = self.log.actor.add.remote(epoch, len(paths) - (len(errs) if self.keep_errors else 0), errs)
-            if errs:  # only wait when something failed (the budget check); otherwise fire and forget
-                msg = ray.get(ref)
+            good = len(paths) // k - (len(errs) if self.keep_errors else 0)
+            if errs:  # report now and wait: the budget check may stop the run
+                msg = ray.get(self.log.actor.add.remote(epoch, good + self._unreported_good, errs))
+                self._unreported_good = 0
                 if msg:
                     raise TooManyErrors(msg)
+            else:  # counted when `__call__` ends the chunk (one call per task, not one per block)
+                self._unreported_good += good
         out = {
-            "tokens": np.stack(tokens) if tokens else np.zeros((0, *self.spec.tokens_shape), np.uint8),
+            "tokens": tokens[:len(labels)],
             "label": np.asarray(labels, np.int64),
             "path": np.asarray(paths, dtype=object),
         }
@@ -414,13 +516,23 @@ class ClipLoader:
             bad = {p: (s, m) for p, s, m in errs}
             out["error"] = np.asarray([bad.get(p, ("", ""))[1] for p in paths], dtype=object)
             out["stage"] = np.asarray([bad.get(p, ("", ""))[0] for p in paths], dtype=object)
+        if self.profile:
+            call = (time.process_time() - t_call) / max(1, len(labels))
+            out["cpu_s"] = np.asarray([[*c, call] for c in costs], np.float64).reshape(-1, 4)  # (B*k, 4)
         return out
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order an epoch visits the manifest's rows in: a permutation seeded with (seed, epoch), or 0..n-1."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 1]).permutation(n)
 
 
 _LOADERS: dict[str, ClipLoader] = {}
 
 
-def _load_clips_task(batch: dict[str, np.ndarray], *, key: str, loader_kwargs: dict) -> dict[str, np.ndarray]:
+def _load_clips_task(chunks: dict[str, np.ndarray], *, key: str, loader_kwargs: dict) -> Iterator[dict]:
     """compute='tasks': runs the ClipLoader class inside pooled Ray worker processes. One instance per process
     and dataset, kept across tasks and epochs (the worker processes outlive an execution; actors do not)."""
     loader = _LOADERS.get(key)
@@ -428,26 +540,18 @@ def _load_clips_task(batch: dict[str, np.ndarray], *, key: str, loader_kwargs: d
         while len(_LOADERS) >= 4:  # datasets of the past (their error-log handles would stay alive)
             _LOADERS.pop(next(iter(_LOADERS)))
         loader = _LOADERS[key] = ClipLoader(**loader_kwargs)
-    return loader(batch)
-
-
-MAX_RETRIES = 8
-
-
-def _actor_options() -> dict:
-    return {"max_restarts": MAX_RETRIES, "max_task_retries": MAX_RETRIES}
-
-
-def _task_options() -> dict:
-    return {"max_retries": MAX_RETRIES}
+    yield from loader(chunks)
 
 
 class _Crashed(RuntimeError):
     stage = "decode"
 
 
-def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:
-    return [manifest.slice(i, rows_per_block) for i in range(0, manifest.num_rows, rows_per_block)] or [manifest]
+def default_videos_per_task(n: int, slots: int, batch_size: int) -> int:
+    """Videos per decode task: large enough that Ray's per-task cost is spread thin (up to 64 videos), small
+    enough that every decode slot gets about 4 tasks an epoch (an even finish), a multiple of batch_size."""
+    per = min(64, max(batch_size, -(-n // (4 * max(1, slots)))))
+    return -(-per // batch_size) * batch_size
 
 
 def build_dataset(
@@ -460,28 +564,33 @@ def build_dataset(
     seed: int = 0,
     epoch: int | None = 0,
     shuffle: bool | None = None,
-    batch_size: int = 4,
-    rows_per_block: int | None = None,
+    batch_size: int = DEFAULT_UDF_BATCH,
+    videos_per_task: int | None = None,
     error_log: ErrorLog | None = None,
     max_error_fraction: float | None = DEFAULT_MAX_ERROR_FRACTION,
     keep_errors: bool = False,
     compute: str = "tasks",
+    clips_per_video: int = 1,
+    profile: bool = False,
 ):
     """A streaming Ray Dataset of token clips: rows {tokens uint8 (V, L, K), label int64, path str}.
 
     manifest: the Arrow manifest (or a split of it). spec: ClipSpec. decoder: auto | decord | pyav.
-    concurrency: decode actors, an int or (min, max) for autoscaling (default: (1, CPUs of the cluster)).
-    num_cpus_per_task: CPUs each decode actor reserves (fractional is fine; leave room for Train workers).
+    concurrency: decode tasks (or actors) at once, an int or (min, max) (default: (1, CPUs of the cluster)).
+    num_cpus_per_task: CPUs each decode task reserves (fractional is fine; leave room for Train workers).
     seed/epoch: randomness per clip from (seed, epoch, path); epoch=None -> read from `error_log.set_epoch`.
-    shuffle (default spec.train): row order shuffled with (seed, epoch) here, block order re-randomised per
-    execution. batch_size: clips per UDF call (small: 4-8, keeps blocks small and memory flat).
-    rows_per_block: manifest rows per input block (default: batch_size, capped to ~2000 blocks).
+    shuffle (default spec.train): each epoch visits the videos in a permutation seeded with (seed, epoch).
+    batch_size: videos per output block (4: the first batch of an epoch arrives after a few decodes).
+    videos_per_task: videos one decode task works through, streaming a block every `batch_size` (default:
+    `default_videos_per_task`). clips_per_video: k clips per decode (repeated sampling, see `load_clips`): k rows
+    per video, so an epoch has k x videos rows.
     error_log: where errors go (default: a new ErrorLog; get it back with `error_log_of(ds)`).
     max_error_fraction: per-epoch failure budget (None: unlimited). keep_errors: keep bad rows (see module doc).
     compute: how the ClipLoader class UDF runs. "tasks" (default): in pooled Ray worker processes, one instance
     per process kept across tasks and epochs; "actors": a Ray Data actor pool (concurrency = (min, max) actors),
     which Ray starts afresh for every execution, i.e. every epoch (imports + start-up: 1-10 s per epoch on a
     busy 2-core machine; negligible on a real epoch, dominant on tiny ones).
+    profile: add a "cpu_s" column (CPU seconds by stage, see ClipLoader; benchmarks/pipeline_speed.py).
     """
     import ray
 
@@ -493,40 +602,42 @@ def build_dataset(
     missing = [c for c in ("path", "label") if c not in manifest.column_names]
     if missing:
         raise ValueError(f"manifest lacks columns {missing} (build it with pipeline.manifest.build_manifest)")
+    if clips_per_video < 1 or batch_size < 1:
+        raise ValueError(f"clips_per_video={clips_per_video} and batch_size={batch_size} must be >= 1")
     error_log = error_log or ErrorLog(n, max_error_fraction)
-    table = manifest.select(["path", "label"])
-    do_shuffle = spec.train if shuffle is None else shuffle
-    if do_shuffle:
-        perm = np.random.default_rng([seed, epoch or 0, 1]).permutation(n)
-        table = table.take(pa.array(perm))
-    # Many small blocks so decoding spreads over every actor from the first second (one block = one task).
-    rows_per_block = rows_per_block or max(batch_size, -(-n // 2000))
-    ds = ray.data.from_arrow(manifest_blocks(table, rows_per_block))
-    if do_shuffle:
-        ds = ds.randomize_block_order()
-    if concurrency is None:  # autoscale from 1 actor up to one per CPU of the cluster
+    if concurrency is None:  # from 1 task up to one per CPU of the cluster
         concurrency = (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
     lo, hi = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
-    loader_kwargs = {"spec": spec, "decoder": decoder, "seed": seed, "epoch": epoch, "error_log": error_log,
-                     "keep_errors": keep_errors, "guard": uuid.uuid4().hex[:12]}
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates ray_remote_args_fn (removal planned for 2.64) without a named parameter for retries
-        # yet; without it the crash guard alone still guarantees progress.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if compute == "actors":
-            ds = ds.map_batches(
-                ClipLoader, fn_constructor_kwargs=loader_kwargs, batch_size=batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=num_cpus_per_task,
-                ray_remote_args_fn=_actor_options,
-            )
-        elif compute == "tasks":
-            ds = ds.map_batches(
-                _load_clips_task, fn_kwargs={"key": loader_kwargs["guard"], "loader_kwargs": loader_kwargs},
-                batch_size=batch_size, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=hi),
-                num_cpus=num_cpus_per_task, ray_remote_args_fn=_task_options,
-            )
-        else:
-            raise ValueError(f"compute={compute!r}: expected 'tasks' or 'actors'")
+    per_task = videos_per_task or default_videos_per_task(n, hi, batch_size)
+    # The input is only the epoch's chunks (start, stop), one block each: an execution (an epoch) plans a few
+    # hundred tiny blocks, whatever the archive's size, and needs no all-to-all shuffle before the first clip.
+    starts = np.arange(0, n, per_task)
+    chunks = [pa.table({"start": [int(a)], "stop": [int(min(a + per_task, n))]}) for a in starts]
+    ds = ray.data.from_arrow(chunks)
+    loader_kwargs = {"spec": spec, "manifest": ray.put(manifest.select(["path", "label"])), "decoder": decoder,
+                     "seed": seed, "epoch": epoch, "shuffle": spec.train if shuffle is None else shuffle,
+                     "batch_size": batch_size, "error_log": error_log, "keep_errors": keep_errors,
+                     "guard": uuid.uuid4().hex[:12], "clips_per_video": clips_per_video, "profile": profile}
+    # Retries are Ray Data's defaults (a crashed task is retried, a crashed actor restarted, without limit; Ray
+    # 2.60 deprecates setting them through ray_remote_args(_fn) and names no successor): the crash guard turns a
+    # video that kills its decoder into one retry and an error row, so the stream always moves on.
+    if compute == "actors":
+        ds = ds.map_batches(
+            ClipLoader, fn_constructor_kwargs=loader_kwargs, batch_size=None, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=num_cpus_per_task,
+        )
+    elif compute == "tasks":
+        ds = ds.map_batches(
+            _load_clips_task, fn_kwargs={"key": loader_kwargs["guard"], "loader_kwargs": loader_kwargs},
+            batch_size=None, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=hi),
+            num_cpus=num_cpus_per_task,
+        )
+    else:
+        raise ValueError(f"compute={compute!r}: expected 'tasks' or 'actors'")
+    # One block per decoded batch (Ray would otherwise pack a task's whole output into blocks of up to 128 MiB,
+    # and nothing of a task would reach the trainer before its last video).
+    block_bytes = batch_size * clips_per_video * int(np.prod(spec.tokens_shape))
+    ds.context.target_max_block_size = max(1 << 20, block_bytes)
     ds._mone_error_log = error_log
     return ds
 

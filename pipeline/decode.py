@@ -124,6 +124,24 @@ def _header(path: str) -> tuple[int, int, int, float, float, str]:
         raise DecodeError(path, f"unreadable container: {_short(e)}", stage="open") from None
 
 
+_HEADERS: dict[tuple[str, int, int], tuple] = {}
+HEADER_CACHE_SIZE = 65536  # ~200 bytes each: the headers of a K400-sized archive's share of one decode process
+
+
+def _header_cached(path: str) -> tuple[int, int, int, float, float, str]:
+    """`_header`, remembered per (path, size, mtime): every epoch decodes the same files again, and opening the
+    container with PyAV only for its size costs ~10 % of decoding a small clip."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    header = _HEADERS.get(key)
+    if header is None:
+        header = _header(path)
+        if len(_HEADERS) >= HEADER_CACHE_SIZE:
+            _HEADERS.pop(next(iter(_HEADERS)))
+        _HEADERS[key] = header
+    return header
+
+
 def _short(e: BaseException) -> str:
     """One line, without the file name PyAV appends (the errors table has the path already)."""
     msg = str(e).strip().splitlines()
@@ -141,7 +159,7 @@ def _read_decord(path: str, index_fn: IndexFn, short_side: int | None,
                  header: tuple | None) -> tuple[np.ndarray, VideoInfo]:
     import decord
 
-    w0, h0, _, _, _, codec = header if header is not None else _header(path)
+    w0, h0, _, _, _, codec = header if header is not None else _header_cached(path)
     size = reduced_size(w0, h0, short_side)
     kw = {"width": size[0], "height": size[1]} if size else {}
     try:
@@ -290,7 +308,7 @@ def read_frames(path: str | os.PathLike, index_fn: IndexFn, *, decoder: str = "a
     _check_file(path)
     if decoder == "pyav" or (decoder == "auto" and not have_decord()):
         return _read_pyav(path, index_fn, short_side)
-    header = _header(path) if decoder == "auto" else None  # auto: an unreadable header fails fast, no 2nd try
+    header = _header_cached(path) if decoder == "auto" else None  # auto: an unreadable header fails fast
     try:
         return _read_decord(path, index_fn, short_side, header)
     except (EmptyVideoError, ValueError):

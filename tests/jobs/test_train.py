@@ -92,7 +92,7 @@ def _train_cmd(storage: Path, cache: Path, epochs: int) -> list[str]:
         "data.synth.corrupt=1", "data.synth.frames=8", "data.synth.width=64", "data.synth.height=64",
         "scaling.num_workers=2", "scaling.zero_stage=2", "mone.val_budgets=[0.3,1.0]",
         f"data.cache_dir={cache}", f"run.storage_path={storage}", "run.name=resume", "run.record_shards=true",
-        "run.max_failures=0",
+        "run.max_failures=0", "data.final_views=1x3",
     ]
 
 
@@ -147,6 +147,15 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     assert summary["epochs"] == 3 and summary["global_step"] == 3 * per_epoch
     assert summary["num_classes"] == 4 and 0.0 <= summary["top1_ec0.3"] <= 1.0
     assert summary["bad_videos"] >= 1  # the corrupt file was skipped and recorded
+    # Data-wait and ETAs in the step logs and metrics; per-epoch validation 1 view, the full protocol once at the end.
+    logs = out.stdout + out.stderr
+    assert "data-wait" in logs and "ETA epoch" in logs and ", run " in logs
+    assert all(0.0 <= m["data_wait_fraction"] <= 1.0 for m in history)
+    assert summary["val_views"] == "1x1" and 0.0 <= summary["data_wait_fraction"] <= 1.0
+    final = summary["val_final"]
+    assert final["views"] == "1x3" and final["weights"] == "final (epoch 3)" and 0.0 <= final["top1_ec0.3"] <= 1.0
+    assert final["gflops_ec0.3"] == pytest.approx(3 * summary["gflops_ec0.3"])  # 3 views per clip
+    assert [m["epoch"] for m in history if "val_final" in m] == [2]
     assert (run_dir / "errors.parquet").exists() and (run_dir / "accuracy_vs_gflops.png").exists()
 
     # The consolidated inference checkpoint loads without DeepSpeed and serves any budget.

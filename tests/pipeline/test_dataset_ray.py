@@ -126,3 +126,26 @@ def test_a_file_that_kills_the_decoder_is_skipped_not_retried_forever(ray_local,
     assert sorted(paths) == sorted(val.column("path").to_pylist())
     errs = D.error_log_of(ds).errors()
     assert [e["path"] for e in errs] == [str(crash)] and "decoder process died" in errs[0]["error"]
+
+
+def test_two_clips_per_decode_deterministic_per_epoch(ray_local, k400_tree):
+    train = build_manifest(k400_tree).split("train")  # 16 good + 3 corrupt
+    spec = ClipSpec(num_frames=4, stride=2, short_side=40, crop_size=32, patch=16, tubelet_t=2, flip=True,
+                    train_crop="random")
+    log = D.ErrorLog(train.num_rows, max_error_fraction=0.2)
+    ds = D.build_dataset(train, spec, concurrency=2, num_cpus_per_task=0.5, seed=3, epoch=None, error_log=log,
+                         clips_per_video=2, batch_size=2, videos_per_task=4)
+    good = set(train.column("path").to_pylist()) - _corrupt(k400_tree)
+    runs = []
+    for epoch in (0, 1, 0):
+        log.set_epoch(epoch)
+        rows = ds.take_all()
+        by_path: dict[str, list] = {}
+        for r in rows:
+            by_path.setdefault(r["path"], []).append(r["tokens"])
+        assert by_path.keys() == good and all(len(v) == 2 for v in by_path.values())  # k rows per video
+        assert all((a != b).any() for a, b in by_path.values())  # two different clips of one decode
+        runs.append(by_path)
+    assert all(any((x == y).all() for y in runs[2][p]) for p in good for x in runs[0][p])  # epoch 0 again: same
+    assert any(not (runs[0][p][0] == runs[1][p][0]).all() for p in good)  # epoch 1: new clips
+    assert log.counts()["good"][0] == 2 * len(good)  # each epoch-0 pass counted its good videos

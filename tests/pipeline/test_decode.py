@@ -109,3 +109,22 @@ def test_probe(long_videos):
             info = D.probe(files[ext], dec)
             assert (info.num_frames, info.width, info.height) == (100, 64, 48)
             assert info.fps == pytest.approx(25)
+
+
+def test_header_is_read_once_per_file_version(long_videos, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    src = long_videos[0]["mp4"]
+    path = tmp_path / "v.mp4"
+    shutil.copy(src, path)
+    opened = []
+    real = D._header
+    monkeypatch.setattr(D, "_header", lambda p: opened.append(p) or real(p))
+    first = D.read_frames(path, lambda n, fps: np.arange(4), short_side=32)[0]
+    again = D.read_frames(path, lambda n, fps: np.arange(4), short_side=32)[0]
+    assert len(opened) == 1 and (first == again).all()  # the second epoch's decode skips the container header
+    shutil.copy(long_videos[0]["webm"], path)  # a new file under the same name: read afresh
+    os.utime(path, ns=(1, 1))
+    D.read_frames(path, lambda n, fps: np.arange(4), short_side=32)
+    assert len(opened) == 2
