@@ -46,6 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user gave something wrong (a config value, a path, an address): their message
+    names the input and the fix, so the CLI prints it on one line instead of a traceback."""
+    found: list[type[BaseException]] = [FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    for module, name in (("jobs.config", "ConfigError"), ("jobs.ray_connect", "ClusterUnreachable"),
+                         ("jobs.evaluate", "EvaluateError"), ("jobs.tune", "TuneError"),
+                         ("jobs.submit", "SubmitError"), ("pipeline.manifest", "ManifestError"),
+                         ("pipeline.dataset", "TooManyErrors")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _prog(args: argparse.Namespace) -> str:
+    words = ["mone", getattr(args, "command", None)]
+    words += [getattr(args, k, None) for k in ("tune_command", "data_command", "submit_command", "jobs_command")]
+    return " ".join(w for w in words if isinstance(w, str))
+
+
 def main(argv: list[str] | None = None) -> int:
     # Local Ray 2.60 turns token authentication on by default; a local run needs none. A cluster the user
     # exposes should keep it: set RAY_AUTH_MODE yourself there.
@@ -55,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as e:  # whatever a command did not catch itself: one line, never a traceback
+        print(f"{_prog(args)}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{_prog(args)}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

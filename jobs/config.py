@@ -253,7 +253,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. optim.epochs=3)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:  # e.g. "[1,2": kept as text, which the field's type check then names
+            value = raw
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -279,7 +283,15 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
                 check_paths: bool = True) -> TrainConfig:
     """`check_paths=False` skips checking that data.root exists here (a dry run of a cluster's config)."""
     path = resolve_config_path(name_or_path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"config {path}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a mapping of sections (data:, model:, optim:, ...), "
+                          f"got a {type(raw).__name__}")
     raw.setdefault("name", path.stem)
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = _from_dict(TrainConfig, raw, "")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.config import TrainConfig
+from jobs.config import ConfigError, TrainConfig
 
 
 @dataclass
@@ -144,14 +144,17 @@ def prepare(cfg: TrainConfig) -> PreparedData:
 
     root = str(ensure_synthetic(cfg)) if not cfg.data.root else cfg.data.root
     m = build_manifest(root, cfg.data.layout)
-    from pipeline.manifest import select_split
+    from pipeline.manifest import ManifestError, select_split
 
-    train = select_split(m.table, cfg.data.train_split)
-    val = select_split(m.table, cfg.data.val_split)
+    try:
+        train = select_split(m.table, cfg.data.train_split)
+        val = select_split(m.table, cfg.data.val_split)
+    except ManifestError as e:
+        raise ConfigError(f"data.train_split / data.val_split: {e}") from None
     for name, table, split in (("train", train, cfg.data.train_split), ("val", val, cfg.data.val_split)):
         if table.num_rows == 0:
             splits = sorted(set(m.table.column("split").to_pylist()))
-            raise ValueError(f"data: the {name} split '{split}' of {root} has no videos; splits found: {splits} "
+            raise ConfigError(f"data: the {name} split '{split}' of {root} has no videos; splits found: {splits} "
                              f"(set data.train_split / data.val_split)")
     return PreparedData(root=root, layout=m.layout, labels=list(m.labels), train_manifest=train, val_manifest=val,
                         train_clip=clip_spec_dict(cfg, train=True), eval_clip=clip_spec_dict(cfg, train=False),

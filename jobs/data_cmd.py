@@ -94,7 +94,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--size {text!r}: expected WxH, e.g. 128x96") from None
+        raise SystemExit(f"mone data synth: --size {text!r}: expected WxH, e.g. 128x96") from None
     return w, h
 
 

@@ -729,15 +729,15 @@ def _ray_init(address: str | None) -> None:
 
     import ray
 
+    from jobs.ray_connect import init_ray, requested_address
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(include_dashboard=False, **kwargs)
+    if requested_address(address) == "local":
+        kwargs["include_dashboard"] = False
+    init_ray(address, command="mone evaluate", **kwargs)
 
 
 def run_evaluation(
@@ -774,10 +774,17 @@ def run_evaluation(
         raise EvaluateError(f"--out {out}: the predictions table is Parquet; give a path ending in .parquet")
     if batch_videos < 1:
         raise EvaluateError(f"--batch-videos {batch_videos}: must be >= 1")
+    for flag, value, low in (("--actors", actors, 1), ("--actor-cpus", actor_cpus, 0),
+                             ("--decode-cpus", decode_cpus, 0), ("--threads", threads, 1)):
+        if value is not None and value < low:
+            raise EvaluateError(f"{flag} {value}: must be >= {low}")
     try:
         ckpt_dir = find_inference_dir(checkpoint)
     except FileNotFoundError as e:
         raise EvaluateError(f"--checkpoint: {e}") from None
+    from jobs.ray_connect import check_address
+
+    check_address(address)  # a cluster that does not answer: one line before any decoding
     ckpt = load_inference(ckpt_dir)
     cfg, labels = ckpt.model.cfg, list(ckpt.labels)
     vt_vs = parse_views(views)
@@ -827,6 +834,10 @@ def run_evaluation(
                 decode_cpus=decode_cpus, decoder=decoder, device=device, max_clips=max_clips, progress=progress,
                 total=len(rows), initial=n_done_before, address=address, save_scores=save_scores, cascade=casc)
     run_s = stats["run_s"]  # from the first task submitted to the last part written (Ray start-up excluded)
+    lost = [i for i in range(len(chunks)) if not (parts_dir / f"part-{i:05d}.parquet").exists()]
+    if lost:  # never a table with videos silently missing (a stream that ended early, a part removed meanwhile)
+        raise RuntimeError(f"{len(lost)} of {len(chunks)} chunks have no results in {parts_dir} (first: {lost[:5]}); "
+                           "re-run the same command: it computes only those")
 
     final = consolidate(parts_dir, out)
     summary: dict[str, Any] = {

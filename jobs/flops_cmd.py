@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if args.frames is not None and not VARIANTS[args.variant].video and args.frames != 1:
         print(f"mone flops: {args.variant} is an image model; --frames does not apply", file=sys.stderr)
         return 2
+    for flag, value in (("--frames", args.frames), ("--img-size", args.img_size)):
+        if value is not None and value < 1:
+            print(f"mone flops: {flag} {value}: must be a positive integer", file=sys.stderr)
+            return 2
     try:
         t_views, s_views = (int(v) for v in args.views.lower().split("x"))
         if t_views < 1 or s_views < 1:

@@ -510,8 +510,6 @@ def _run_submit(args: argparse.Namespace) -> int:
     working_dir = Path(args.working_dir).expanduser().resolve() if args.working_dir else project_root()
     if not working_dir.is_dir():
         raise SubmitError(f"--working-dir {working_dir} is not a directory")
-    _say(f"connecting to {address} ...")
-    client = connect(address)
     job_args = prepare_job_args(
         args.submit_command, args.args, working_dir, args.storage or os.environ.get(STORAGE_ENV)
     )
@@ -519,6 +517,8 @@ def _run_submit(args: argparse.Namespace) -> int:
     if args.submit_command == "smoke" and args.num_gpus is None:
         args.num_gpus = 1  # the smoke test's driver checks CUDA and benchmarks on a GPU of its own
     runtime_env = build_runtime_env(working_dir, env=parse_env(args.env), pip=args.pip, excludes=args.exclude)
+    _say(f"connecting to {address} ...")  # after the arguments are checked: their mistakes come first
+    client = connect(address)
     if not args.entrypoint:
         warning = storage_warning(args.submit_command, job_args)
         if warning:

@@ -15,7 +15,10 @@ import argparse
 import functools
 import importlib
 import json
+import math
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,18 +96,56 @@ def run(args: argparse.Namespace) -> int:
               "(views, tokens, values); nothing was started")
         print(json.dumps({**plan, "ok": True, **shapes}))
         return 0
-    summary = train(cfg, address=args.address, resource_check=not args.no_resource_check)
+    try:
+        summary = train(cfg, address=args.address, resource_check=not args.no_resource_check,
+                        resume_command=_resume_command(args))
+    except (ConfigError, FileNotFoundError) as e:  # also the checks that need Ray (resources): no traceback
+        print(f"mone train: {e}")
+        return 2
+    except TrainingGaveUp as e:
+        print(f"mone train: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 
 
-def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool = True) -> dict[str, Any]:
+class TrainingGaveUp(RuntimeError):
+    """Ray Train ran out of restarts (or the data is unusable); the message says why and how to resume."""
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run (same config, overrides and run name): as the user ran it, also when
+    it runs as a job of `mone submit` (whose metadata Ray hands the job in RAY_JOB_CONFIG_JSON_ENV_VAR)."""
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except ValueError:
+        meta = {}
+    if meta.get("mone_command") == "train" and "mone_args" in meta:
+        return f"mone submit train -- {meta['mone_args']}"
+    words = ["mone", "train", "--config", args.config, *args.overrides]
+    words += ["--dense"] if args.dense else []
+    words += ["--address", args.address] if args.address else []
+    return shlex.join(words)
+
+
+def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool = True,
+          resume_command: str | None = None) -> dict[str, Any]:
     """Runs (or resumes) one training run; returns the summary printed as the final JSON line."""
     import ray
+    from ray.train import TrainingFailedError
 
     from jobs import data as job_data
+    from jobs import faults
+    from jobs.ray_connect import check_address, init_ray, requested_address
 
     t0 = time.time()
+    check_address(address)  # a cluster that does not answer: one line now, not after the data is prepared
+    if resource_check and not ray.is_initialized() and requested_address(address) == "local":
+        # A local Ray gets this machine's CPUs: a request that cannot fit is refused before it starts (GPUs are
+        # counted once Ray has detected them, below).
+        from ray._private.utils import get_num_cpus
+
+        check_resources(cfg, {"CPU": float(get_num_cpus()), "GPU": math.inf})
     storage = run_files.storage_uri(cfg.run.storage_path)
     run_dir = run_files.join(storage, cfg.run_name)
     data = job_data.prepare(cfg)  # generate (cached) + manifests + label map; no Ray needed
@@ -114,7 +155,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         # submitted with `mone submit` gets them in its runtime_env (a second runtime_env here would clash).
         for k, v in _worker_env(cfg).items():
             os.environ.setdefault(k, v)
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        init_ray(address, command="mone train", log_to_driver=True)
     if resource_check:
         for warning in check_resources(cfg, cluster_capacity()):  # autoscaling clusters: what they can grow to
             print(f"[mone] {warning}", flush=True)
@@ -128,16 +169,25 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         run_files.write_text(run_files.join(run_dir, "missing.txt"), "\n".join(data.missing) + "\n")
 
     datasets, error_logs = job_data.ray_datasets(cfg, data)
-    trainer = build_trainer(cfg, data, datasets, error_logs["train"], storage, run_dir)
+    invocation, nodes_at_start = faults.new_invocation(), faults.alive_nodes()
+    trainer = build_trainer(cfg, data, datasets, error_logs["train"], storage, run_dir, invocation=invocation)
     print(f"[mone] run {cfg.run_name!r}: {data.num_train} train / {data.num_val} val clips, "
           f"{len(data.labels)} classes, {cfg.scaling.num_workers} worker(s), model {cfg.model.variant}; "
           f"run directory {run_dir}")
-    result = trainer.fit()
+    try:
+        result, failure = trainer.fit(), None
+    except TrainingFailedError as e:  # out of restarts: named below, after the errors table is written
+        result, failure = None, e
     n_errors = job_data.write_errors(error_logs, run_dir)  # also when the run failed: say which files were bad
     if n_errors:
         print(f"[mone] {n_errors} unreadable video(s) skipped; see {run_files.join(run_dir, 'errors.parquet')}")
-    if result.error:
-        raise result.error
+    restarts = faults.restarts(run_dir, invocation)
+    if failure is not None or result.error:
+        failure = failure or result.error
+        bad_data = faults.data_error(failure)
+        raise TrainingGaveUp(bad_data or faults.failure_message(
+            failure, run_dir=run_dir, lost=faults.lost_nodes(nodes_at_start, failure), restarts=restarts,
+            max_failures=cfg.run.max_failures, resume_command=resume_command or "the same command again")) from None
 
     # Consolidated outputs next to Ray's own: inference checkpoint, metric history, errors, plot.
     ckpt_dir = result.checkpoint.path if result.checkpoint else None
@@ -173,6 +223,7 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         "data_wait_fraction": last.get("data_wait_fraction"),
         "bad_videos": n_errors,
         "val_views": cfg.data.val_views,  # the per-epoch validation below (last epoch)
+        "restarts": restarts,  # worker-group restarts Ray Train made during this command (node or worker losses)
     }
     for b in cfg.mone.val_budgets:
         for key in (f"top1_ec{b}", f"top5_ec{b}", f"mean_class_ec{b}", f"gmacs_ec{b}", f"gflops_ec{b}",
@@ -198,12 +249,13 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
 
 
 def build_trainer(cfg: TrainConfig, data, datasets: dict[str, Any], train_error_log, storage: str, run_dir: str,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, invocation: str | None = None):
     """The TorchTrainer of one run (also built inside each `mone tune train` trial, with Tune's callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs import data as job_data
+    from jobs import faults
 
     loop_config = {
         "config": cfg.to_dict(),
@@ -214,6 +266,8 @@ def build_trainer(cfg: TrainConfig, data, datasets: dict[str, Any], train_error_
         "eval_clip": data.final_clip or data.eval_clip,  # what `mone evaluate` decodes by default
         "final_views": cfg.data.final_views if data.final_clip else None,
         "train_error_log": train_error_log,
+        "invocation": invocation or faults.new_invocation(),  # groups this command's attempts in attempts.jsonl
+        "driver": faults.here(),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -377,6 +431,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from jobs import data as job_data
+    from jobs import faults
     from jobs import optim as recipe
     from jobs.checkpoint import find_inference_dir, is_best, save_inference
     from jobs.progress import RunPace, format_duration
@@ -444,6 +499,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
     tracker = tracking.open_tracker(cfg, loop["run_dir"], rank=rank, start_step=global_step)  # no-op off rank 0
+    _record_attempt(loop, rank, world, start_epoch, global_step)
 
     aug = cfg.data.augment  # mixup / cutmix on the token batch (models/mix.py); off by default
     mix_cfg = MixConfig(aug.mixup, aug.cutmix, aug.mix_prob, aug.switch_prob)
@@ -463,6 +519,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     n_widths = model.cfg.num_experts
     width_fracs = width_fractions(n_widths)  # d_j / D: a width's sub-model is e_c = d_j / D
 
+    first_step = True
     for epoch in range(start_epoch, cfg.optim.epochs):
         loop["train_error_log"].set_epoch(epoch)  # decode workers seed sampling/crops with it
         engine.train()
@@ -497,6 +554,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if ema is not None and boundary:
                 ema.update_parameters(model)
             global_step += 1
+            if first_step:  # the attempt is live again (a restore's recovery time ends here)
+                first_step = False
+                if rank == 0:
+                    faults.record(loop["run_dir"], {"invocation": loop["invocation"], "event": "first_step",
+                                                    "epoch": epoch, "global_step": global_step})
             n_steps += 1
             n_clips += tokens.shape[0]
             loss_sum += loss.detach()
@@ -518,6 +580,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "global_step": global_step,
+            "train_clips": _sum_over_ranks(n_clips, device),  # clips trained on in this epoch, all ranks
             "train_loss": loss_sum.item() / max(1, n_steps),
             "train_clips_per_s": n_clips * world / max(train_time, 1e-9),
             "lr": scheduler.get_last_lr()[0],
@@ -587,6 +650,22 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     tracker.close()
 
 
+def _record_attempt(loop: dict[str, Any], rank: int, world: int, start_epoch: int, global_step: int) -> None:
+    """Rank 0 logs this attempt's start and where every rank runs (attempts.jsonl: restarts, lost nodes)."""
+    import torch.distributed as dist
+
+    from jobs import faults
+
+    me = {"rank": rank, **faults.here()}
+    ranks = [me]
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        ranks = [None] * world
+        dist.all_gather_object(ranks, me)
+    if rank == 0:
+        faults.record(loop["run_dir"], {"invocation": loop["invocation"], "event": "start", "epoch": start_epoch,
+                                        "global_step": global_step, "workers": ranks, "driver": loop["driver"]})
+
+
 def _rank0_decides(flag: bool, device) -> bool:
     """Rank 0's value of `flag` on every rank (a decision that leads to collectives must be the same everywhere)."""
     import torch
@@ -597,6 +676,17 @@ def _rank0_decides(flag: bool, device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def _sum_over_ranks(n: int, device) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(n)
+    t = torch.tensor([n], dtype=torch.int64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, Any] | None:

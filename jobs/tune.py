@@ -36,6 +36,7 @@ DELTA_RANGE = (1.0, 8.0)  # heuristic search space (log-uniform)
 BETA_RANGE = (0.3, 100.0)
 SPACES = ("simplex", "heuristic")
 _EPS = 1e-6
+TRIAL_RETRIES = 3  # Tune's FailureConfig: restarts of a trial that died (its node lost)
 
 
 class TuneError(ValueError):
@@ -148,12 +149,15 @@ def run_train_cmd(args: argparse.Namespace) -> int:
 def _ray_init(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
+    from jobs.ray_connect import init_ray, requested_address
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    addr = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=addr, num_cpus=None if addr else num_cpus, include_dashboard=False, log_to_driver=True)
+    local = requested_address(address) == "local"
+    init_ray(address, command="mone tune", num_cpus=num_cpus if local else None, include_dashboard=False,
+             log_to_driver=True)
 
 
 # =========================================================================== capacities
@@ -378,6 +382,9 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
         raise TuneError(f"--trials {trials}: need at least one per target budget ({len(targets)})")
     if not 0.0 < report_fraction < 1.0:
         raise TuneError(f"--report-fraction {report_fraction:g}: must be in (0, 1), e.g. 0.5")
+    from jobs.ray_connect import check_address
+
+    check_address(address)  # before the split is decoded
     if out is None:
         out = ckpt_dir.parent / "tune_budgets" if ckpt_dir.name == "inference" else Path("tune_budgets")
     out = Path(out).expanduser().resolve()
@@ -446,7 +453,9 @@ def tune_budgets(checkpoint: str | os.PathLike, *, data: str | None = None, spli
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=concurrent),
         # Tune's own progress table (Ray 2.60's output engine ignores a custom ProgressReporter)
-        run_config=tune.RunConfig(name="search", storage_path=str(out), verbose=verbose),
+        # A trial lost with its node is run again (a pure function of its config and the shared clips).
+        run_config=tune.RunConfig(name="search", storage_path=str(out), verbose=verbose,
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
     )
     t_search = time.time()
     grid = tuner.fit()
@@ -725,6 +734,14 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str
                                      "".join(json.dumps(m) + "\n" for m in hist))
 
 
+def _epochs_done(metrics: dict[str, Any]) -> int | None:
+    """Epochs a trial has finished: from its own epoch counter (Tune's training_iteration restarts at 1 when a
+    failed trial is run again and resumes from its checkpoint)."""
+    if metrics.get("epoch") is not None:
+        return int(metrics["epoch"]) + 1
+    return metrics.get("training_iteration")
+
+
 def _publish_inference(checkpoint_path: str | None, run_dir: str) -> None:
     """Copies a trial's latest inference checkpoint to RUN_DIR/inference (where `mone tune budgets`, evaluate and
     visualize look). Done by the driver: Tune ends a trial at its last report (ASHA's max_t), before the trial
@@ -766,6 +783,9 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
     cfg = load_config(config, overrides)  # validated before Ray starts
     space = load_search_space(search_space)
     _check_space_against_config(config, overrides, space)
+    from jobs.ray_connect import check_address
+
+    check_address(address)
     if trials < 1:
         raise TuneError(f"--trials {trials}: must be >= 1")
     if metric is None:
@@ -801,7 +821,10 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
                               grace_period=max(1, min(grace_period, cfg.optim.epochs)), reduction_factor=2)
     sampled = [k for k, s in space.items() if "value" not in s]
     # Tune's own progress table (Ray 2.60's output engine ignores a custom ProgressReporter)
-    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=verbose)
+    # A trial whose function dies (its node lost) is started again by Tune; its TorchTrainer has the same run name,
+    # so it resumes from the trial's latest checkpoint. Worker losses inside a trial are Ray Train's own restarts.
+    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=verbose,
+                                failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES))
 
     resumed = False
     if tune.Tuner.can_restore(exp_dir):
@@ -834,7 +857,7 @@ def tune_train(config: str, overrides: list[str] | None, search_space: str | os.
         tid = m.get("trial_id") or (Path(r.path).name if r.path else None)
         _publish_inference(m.get("checkpoint_path"), run_files.join(trials_dir, str(tid)))
         rows.append({"trial_id": tid, **{k: (r.config or {}).get(k) for k in sampled},
-                     metric: m.get(metric), "epochs": m.get("training_iteration"),
+                     metric: m.get(metric), "epochs": _epochs_done(m),
                      "train_loss": m.get("train_loss"), "run_dir": run_files.join(trials_dir, str(tid)),
                      "error": repr(r.error)[:300] if r.error else None})
     # Ties (common for tiny models) go to the trial that ran more epochs, then the lower trial id: result order

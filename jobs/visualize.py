@@ -195,6 +195,10 @@ def visualize(checkpoint: str | os.PathLike, video: str | os.PathLike, out: str 
     from jobs.evaluate import EvaluateError, resolve_budgets
 
     out = Path(out).expanduser()
+    if not 0.0 < alpha <= 1.0:
+        raise EvaluateError(f"--alpha {alpha}: must be in (0, 1] (0.5: half frame, half expert colour)")
+    if scale is not None and scale < 1:
+        raise EvaluateError(f"--scale {scale}: must be an integer >= 1 (or leave it out: panels of ~192 px)")
     if out.suffix.lower() != ".png":
         raise EvaluateError(f"--out {out}: the figure is a PNG; give a path ending in .png")
     v = Path(video).expanduser()

@@ -319,8 +319,14 @@ class ErrorLog:
 
     def __init__(self, total: int, max_error_fraction: float | None = DEFAULT_MAX_ERROR_FRACTION):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.actor = ray.remote(num_cpus=0, max_restarts=0)(_ErrorLogActor).remote(total, max_error_fraction)
+        # On the node of the process that creates it (the driver, or a Tune trial), as Ray Train pins its own
+        # controller and dataset coordinator: the loss of another node never takes it (nor the epoch it holds),
+        # and the loss of this one ends its owner anyway (the driver; a trial that Tune then restarts).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = ray.remote(num_cpus=0, max_restarts=0)(_ErrorLogActor).options(
+            scheduling_strategy=here).remote(total, max_error_fraction)
         self.total, self.max_error_fraction = total, max_error_fraction
 
     def set_epoch(self, epoch: int) -> None:
@@ -346,28 +352,32 @@ class _CrashGuard:
     """Remembers, in a node-local file named after the batch, which video is being decoded. If a native decoder
     kills the process (segfault, abort), Ray retries the batch; the retry finds the file, reports that video as
     an error and skips it: one crashing file costs one retry, never an endless retry loop (Ray Data retries
-    crashed tasks and restarts crashed actors forever by default)."""
+    crashed tasks and restarts crashed actors forever by default).
+
+    The file also names the Ray node: a file another node left (several Ray nodes on one host, or a node that
+    restarted) means that node was lost with the batch, not that the video crashed a decoder; it is ignored."""
 
     def __init__(self, namespace: str):
         import tempfile
 
         self.dir = Path(tempfile.gettempdir()) / f"mone-inflight-{namespace}"
         self.file: Path | None = None
+        self.node = _ray_node_id()
 
     def start(self, paths: list[str]) -> tuple[int, str] | None:
         """Opens the batch; returns (epoch, path) a previous attempt of this same batch died on, if any."""
         key = zlib.crc32("\n".join(paths).encode())
         self.file = self.dir / f"{key:08x}-{len(paths)}"
         try:
-            epoch, _, path = self.file.read_text().partition("\t")
-            return int(epoch), path
+            epoch, node, path = self.file.read_text().split("\t", 2)
+            return (int(epoch), path) if node == self.node else None
         except (OSError, ValueError):
             return None
 
     def begin(self, epoch: int, path: str) -> None:
         try:
             self.dir.mkdir(exist_ok=True)
-            self.file.write_text(f"{epoch}\t{path}")
+            self.file.write_text(f"{epoch}\t{self.node}\t{path}")
         except OSError:  # a read-only /tmp only costs the guard
             pass
 
@@ -375,6 +385,15 @@ class _CrashGuard:
         if self.file is not None:
             with contextlib.suppress(OSError):
                 self.file.unlink()
+
+
+def _ray_node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - no Ray here: one node
+        return ""
 
 
 CRASH_ERROR = "CrashError: the decoder process died while reading this file (native crash); skipped"

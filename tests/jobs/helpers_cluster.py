@@ -1,0 +1,220 @@
+"""A real multi-node Ray cluster on this one machine, for fault drills (tests/jobs/test_faults.py,
+benchmarks/fault_drill.py).
+
+Every node is its own `ray start --block` process with its own raylet, started in its own session (process group):
+- a head with no CPUs (nothing but the GCS, the dashboard and drivers: work lands on the worker nodes). It runs
+  the dashboard as real clusters do: Ray Train's placement-group cleaner asks its State API whether a Train
+  controller died (a Tune trial lost with its node, one Tune ended at its last report); without it their
+  placement groups stay reserved and later work can starve;
+- worker nodes with a few logical CPUs each.
+`kill_node` simulates the loss of a host: SIGKILL to the node's raylet by pid, then to everything left in its
+process group. `stop` ends the whole cluster the same way, by process group: never `ray stop`, which would stop
+every Ray on the machine (other people's included). All nodes share one short temp dir of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Faster node-death detection than Ray's defaults (health check every 3 s, 5 misses): the drills measure
+# recovery, not Ray's detection delay. Applied to the GCS (head) through Ray's RAY_<config> environment.
+FAST_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                  "RAY_health_check_failure_threshold": "3"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 3 and int(fields[3]) == sid:
+            pids.append(int(d.name))
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass
+class Node:
+    name: str
+    proc: subprocess.Popen
+    num_cpus: int
+    node_id: str = ""
+    raylet_pid: int = 0
+    log: Path | None = None
+    alive: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class LocalCluster:
+    """`with LocalCluster() as c: c.add_node(1); ... c.kill_node(node); ...` (see the module doc)."""
+
+    def __init__(self, *, dashboard: bool = True, fast_detection: bool = True, env: dict[str, str] | None = None):
+        self.temp_dir = tempfile.mkdtemp(prefix="rtf", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+        self.dashboard = dashboard
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                         "RAY_TMPDIR": self.temp_dir, "RAY_USAGE_STATS_ENABLED": "0",
+                         # every node's log monitor forwards the shared session's logs (on one host): keep them short
+                         "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+        self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
+        if fast_detection:
+            self.env.update(FAST_DETECTION)
+        self.env.update(env or {})
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.nodes: list[Node] = []
+        self.head: Node | None = None
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def address(self) -> str:
+        """The GCS address (for `--address` / RAY_ADDRESS)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a command that joins this cluster through RAY_ADDRESS."""
+        return {**self.env, "RAY_ADDRESS": self.address}
+
+    # ------------------------------------------------------------------ nodes
+
+    def _agent_ports(self) -> list[str]:
+        ports = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+        return [f"--{p}={free_port()}" for p in ports] + ["--min-worker-port=0", "--max-worker-port=0"]
+
+    def _launch(self, name: str, args: list[str], num_cpus: int) -> Node:
+        log = Path(self.temp_dir) / f"{name}.log"
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", f"--num-cpus={num_cpus}",
+               "--disable-usage-stats", *args, *self._agent_ports()]
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        node = Node(name, proc, num_cpus, log=log)
+        self.nodes.append(node)
+        return node
+
+    def _start(self, name: str, args: list[str], num_cpus: int) -> Node:
+        node = self._launch(name, args, num_cpus)
+        self._wait_for_raylet(node)
+        return node
+
+    def _wait_for_raylet(self, node: Node, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"ray start ({node.name}) exited {node.proc.returncode}:\n{node.log.read_text()}")
+            for pid in _session_pids(node.proc.pid):
+                cmd = _cmdline(pid)
+                if "raylet/raylet" in cmd and "--node_id=" in cmd:
+                    node.raylet_pid = pid
+                    node.node_id = cmd.split("--node_id=", 1)[1].split()[0]
+            if node.raylet_pid and "Ray runtime started" in node.log.read_text():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{node.name}: no raylet after {timeout_s} s:\n{node.log.read_text()}")
+
+    def start_head(self) -> Node:
+        args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1",
+                f"--include-dashboard={'true' if self.dashboard else 'false'}",
+                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+        self.head = self._start("head", args, 0)
+        if self.dashboard:
+            self._wait_for_dashboard()
+        return self.head
+
+    def _wait_for_dashboard(self, timeout_s: float = 120) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.exceptions.RequestException):
+                if requests.get(f"{self.dashboard_url}/api/jobs/", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"no dashboard at {self.dashboard_url} after {timeout_s} s")
+
+    def add_node(self, num_cpus: int = 1) -> Node:
+        return self._start(f"node{len(self.nodes)}", [f"--address={self.address}"], num_cpus)
+
+    def add_nodes(self, *num_cpus: int) -> list[Node]:
+        """Several worker nodes, started together (each `ray start` spends most of its time waiting)."""
+        nodes = [self._launch(f"node{len(self.nodes)}", [f"--address={self.address}"], n) for n in num_cpus]
+        for node in nodes:
+            self._wait_for_raylet(node)
+        return nodes
+
+    def node(self, node_id: str) -> Node:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def nodes_running(self, marker: str) -> list[Node]:
+        """Live worker nodes with a process whose command line (Ray's process title, e.g. `ray::ImplicitFunc`)
+        contains `marker`: the raylet starts its workers inside the node's session."""
+        return [n for n in self.nodes if n.alive and n is not self.head
+                and any(marker in _cmdline(pid) for pid in _session_pids(n.proc.pid))]
+
+    def kill_node(self, node: Node) -> float:
+        """A host lost: SIGKILL its raylet by pid, then everything left in its process group. Returns the time."""
+        t = time.time()
+        with contextlib.suppress(OSError):
+            os.kill(node.raylet_pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(node.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.proc.wait(timeout=10)
+        node.alive = False
+        return t
+
+    def stop(self) -> None:
+        """The whole cluster gone at once (workers first, the head last), then its temp dir."""
+        for node in reversed(self.nodes):
+            if node.alive:
+                self.kill_node(node)
+        for node in self.nodes:  # anything a node spawned into another session but that runs from our temp dir
+            for pid in _session_pids(node.proc.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        for d in Path("/proc").glob("[0-9]*"):  # e.g. job drivers, which run in a working dir under it
+            pid = int(d.name)
+            try:
+                cwd = os.readlink(d / "cwd")
+            except OSError:
+                cwd = ""
+            if pid != os.getpid() and (self.temp_dir in _cmdline(pid) or cwd.startswith(self.temp_dir)):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
