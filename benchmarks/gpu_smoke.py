@@ -141,11 +141,14 @@ def settings(args) -> dict:
 
 
 def train_config(s: dict, data_root: Path, out: Path, use_gpu: bool) -> dict:
+    from models.vit import get_config
+
     return {
         "name": "gpu_smoke",
         "data": {"layout": "k400", "root": str(data_root), "train_split": "train", "val_split": "validate",
                  "num_frames": s["frames"], "sampling": "dense", "stride": 1, "short_side": s["img"],
-                 "crop_size": s["img"], "tubelet_t": 2, "patch": 16, "flip": False, "train_crop": "center",
+                 "crop_size": s["img"], "tubelet_t": 2, "patch": get_config(s["variant"]).patch_size, "flip": False,
+                 "train_crop": "center",
                  "decoder": "auto", "decode_cpus": s["decode_cpus"], "decode_concurrency": s["decode_concurrency"],
                  "val_views": "1x1"},
         "model": {"variant": s["variant"], "overrides": {"img_size": s["img"], "num_frames": s["frames"]}},
@@ -251,7 +254,10 @@ def stage_train(args, s, res, out: Path, data_root: Path | None, use_gpu: bool):
     module_dtypes = sorted({str(v.dtype) for v in module.values() if v.is_floating_point()})
     want = "torch.bfloat16" if s["precision"] == "bf16" else "torch.float32"
     check(module_dtypes == [want], f"DeepSpeed trained in {module_dtypes}, expected {want}")
-    weights = torch.load(Path(summary["checkpoint"]) / "model.pt", map_location="cpu", weights_only=True)
+    from jobs.checkpoint import weights_path
+    from models.weights import read_state_dict
+
+    weights = read_state_dict(weights_path(summary["checkpoint"]))
     check(all(v.dtype == torch.float32 for v in weights.values()), "inference weights are not all fp32")
     beyond_bf16 = sum(not torch.equal(v, v.bfloat16().float()) for v in weights.values())
     check(beyond_bf16 > 0, "every inference weight is bf16-representable: saved from bf16 copies, not fp32 masters")
@@ -408,6 +414,10 @@ def main() -> int:
                     help="comma-separated stages to run after env (default: all)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per stage before it counts as hung (default 300 GPU, 900 CPU)")
+    ap.add_argument("--data", default=None,
+                    help="use this dataset instead of generating one (the data stage needs PyAV to write videos): "
+                         "pipeline.synth.generate(DIR, 'k400', classes=4, videos_per_class=8, val_videos_per_class=2, "
+                         "test_videos_per_class=0, corrupt=0, width=224, height=224, frames=32, fps=8, seed=0)")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and weights (deleted by default)")
     args = ap.parse_args()
 
@@ -431,14 +441,19 @@ def main() -> int:
 
     run_stage("env", lambda: stage_env(args, s, res), res, 120)
     data_root = checkpoint = None
-    if "data" in stages:
+    if args.data:  # a dataset generated elsewhere (a machine without PyAV cannot write the videos)
+        data_root = Path(args.data).expanduser().resolve()
+        if not (data_root / "synth.json").is_file():
+            ap.error(f"--data {data_root}: no synth.json there; generate it with pipeline.synth.generate (see --help)")
+        res["data"] = {"root": str(data_root), "val_videos": CLASSES * VAL_PER_CLASS, "pregenerated": True}
+    elif "data" in stages:
         data_root = run_stage("data", lambda: stage_data(args, s, res, out), res, timeout)
     elif (out / "data" / "synth.json").is_file():
         data_root = out / "data"
         res["data"] = {"root": str(data_root), "val_videos": CLASSES * VAL_PER_CLASS}
     if "train" in stages:
         checkpoint = run_stage("train", lambda: stage_train(args, s, res, out, data_root, use_gpu), res, timeout)
-    elif (out / "runs" / "smoke" / "inference" / "model.pt").is_file():
+    elif (out / "runs" / "smoke" / "inference" / "inference.json").is_file():
         checkpoint = str(out / "runs" / "smoke" / "inference")
     if "evaluate" in stages:
         run_stage("evaluate", lambda: stage_evaluate(args, s, res, out, data_root, checkpoint, use_gpu), res, timeout)

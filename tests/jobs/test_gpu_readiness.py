@@ -398,7 +398,9 @@ def test_zero3_two_workers_checkpoint_without_hang_and_inference_weights_are_the
     ray_ckpt = Path(summary["ray_checkpoint"])
     masters = get_fp32_state_dict_from_zero_checkpoint(str(ray_ckpt / "deepspeed"), tag="state")
     ck = load_inference(summary["checkpoint"])
-    weights = torch.load(Path(summary["checkpoint"]) / "model.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(summary["checkpoint"]) / "model.safetensors")
     assert set(weights) == {k.removeprefix("model.") for k in masters}
     for k, v in masters.items():
         torch.testing.assert_close(weights[k.removeprefix("model.")], v.float(), rtol=0, atol=0)
