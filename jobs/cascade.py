@@ -73,18 +73,12 @@ def _json_threshold(t: float) -> float | None:
 
 def read_cascade(path: str | os.PathLike, num_experts: int = 4) -> Cascade:
     """cascade.json (from `mone tune cascade`) -> Cascade; EvaluateError naming what is wrong."""
-    from jobs.evaluate import _fmt_ec
+    from jobs.evaluate import _fmt_ec, read_json_file
     from models.budgets import CONFIDENCES
     from models.capacity import effective_capacity, resolve_budget
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise EvaluateError(f"--cascade {p}: no such file (write one with `mone tune cascade --checkpoint RUN "
-                            f"--levels 0.2,0.4,1.0`)")
-    try:
-        doc = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise EvaluateError(f"--cascade {p}: not valid JSON ({e})") from None
+    p, doc = read_json_file(path, "--cascade", "write one with `mone tune cascade --checkpoint RUN --levels "
+                            "0.2,0.4,1.0`")
     levels = doc.get("levels") if isinstance(doc, dict) else None
     kind = doc.get("confidence") if isinstance(doc, dict) else None
     if not isinstance(levels, list) or len(levels) < 2:

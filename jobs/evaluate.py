@@ -102,19 +102,24 @@ def budget_from_ec(e_c: float, num_experts: int = 4, *, what: str = "--budget") 
     return Budget(_fmt_ec(e_c), e_c, tuple(caps), "e_c")
 
 
+def read_json_file(path: str | os.PathLike, flag: str, hint: str) -> tuple[Path, Any]:
+    """(path, parsed JSON) of a file a flag names; EvaluateError naming the flag when it is missing or not JSON."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EvaluateError(f"{flag} {p}: no such file ({hint})")
+    try:
+        return p, json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise EvaluateError(f"{flag} {p}: not valid JSON ({e})") from None
+
+
 def read_budgets_file(path: str | os.PathLike, num_experts: int = 4) -> list[Budget]:
     """A tune job's budgets file: `{"0.3": [c1, .., cE], ...}` (smallest expert first), possibly with metadata keys,
     or wrapped as `{"budgets": {...}}`; a value may also be `{"capacities": [...], ...}`. Sorted by e_c."""
     from models.capacity import resolve_budget
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise EvaluateError(f"--budgets {p}: no such file (a JSON file from `mone tune budgets`, "
-                            f"e.g. {{\"0.3\": [0.4, 0.3, 0.2, 0.1]}})")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise EvaluateError(f"--budgets {p}: not valid JSON ({e})") from None
+    p, data = read_json_file(path, "--budgets", "a JSON file from `mone tune budgets`, e.g. "
+                             "{\"0.3\": [0.4, 0.3, 0.2, 0.1]}")
     if isinstance(data, dict) and isinstance(data.get("budgets"), (dict, list)):
         data = data["budgets"]
     if isinstance(data, list):  # [{"e_c": 0.3, "capacities": [...]}, ...]

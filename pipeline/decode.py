@@ -192,18 +192,27 @@ def _read_decord(path: str, index_fn: IndexFn, short_side: int | None,
 # ----------------------------------------------------------------------------------------------------------- PyAV
 
 
-def _read_pyav(path: str, index_fn: IndexFn, short_side: int | None) -> tuple[np.ndarray, VideoInfo]:
+def open_pyav(path: str):
+    """(container, first video stream) of `path` with PyAV, the stream decoded on one thread (frame threading is
+    slower on 2 cores; we parallelise across processes). DecodeError (stage open) or EmptyVideoError otherwise; the
+    caller closes the container (`with container:`)."""
     import av
 
     try:
         c = av.open(path, metadata_errors="ignore")
     except Exception as e:
         raise DecodeError(path, f"unreadable container: {_short(e)}", stage="open") from None
+    if not c.streams.video:
+        c.close()
+        raise EmptyVideoError(path, "no video stream")
+    s = c.streams.video[0]
+    s.thread_type = "NONE"
+    return c, s
+
+
+def _read_pyav(path: str, index_fn: IndexFn, short_side: int | None) -> tuple[np.ndarray, VideoInfo]:
+    c, s = open_pyav(path)
     with c:
-        if not c.streams.video:
-            raise EmptyVideoError(path, "no video stream")
-        s = c.streams.video[0]
-        s.thread_type = "NONE"  # frame threading is slower on 2 cores; we parallelise across processes
         fps = float(s.average_rate or s.guessed_rate or s.base_rate or 0) or 25.0
         w0, h0, codec = s.width, s.height, s.codec_context.name
         n = int(s.frames or 0)

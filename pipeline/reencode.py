@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from pipeline.decode import DecodeError, EmptyVideoError, _check_file, _short
+from pipeline.decode import DecodeError, EmptyVideoError, _check_file, _short, open_pyav
 
 OUTPUT_EXT = ".mp4"
 TMP_SUFFIX = ".prepare-tmp"
@@ -223,15 +223,8 @@ def encode(src: str, out: str, settings: EncodeSettings, width: int, height: int
     name). Returns (frames decoded, frames written)."""
     import av
 
-    try:
-        ic = av.open(src, metadata_errors="ignore")
-    except Exception as e:
-        raise DecodeError(src, f"unreadable container: {_short(e)}", stage="open") from None
+    ic, s = open_pyav(src)  # one decode thread: one task = one CPU, parallelism comes from many videos at once
     with ic:
-        if not ic.streams.video:
-            raise EmptyVideoError(src, "no video stream")
-        s = ic.streams.video[0]
-        s.thread_type = "NONE"  # one task = one CPU: parallelism comes from running many videos at once
         src_rate = _rate(s)
         out_rate = Fraction(settings.fps).limit_denominator(1001) if settings.fps else src_rate
         resample = _fps_differs(float(src_rate), settings.fps)
