@@ -705,6 +705,7 @@ def _prepare_parts(parts_dir: Path, sig: dict[str, Any], overwrite: bool, out: P
     import shutil
 
     meta = parts_dir / META_NAME
+    sig = json.loads(json.dumps(sig))  # as read back from META_NAME: tuples (e.g. the clip's scale_jitter) as lists
     if parts_dir.exists() and overwrite:
         shutil.rmtree(parts_dir)
     if parts_dir.exists() and meta.exists():
