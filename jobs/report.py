@@ -308,10 +308,11 @@ def render_report(*, title: str, meta_lines: list[str], summary_rows: list[dict[
              f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     parts += [f'<div class="meta">{line}</div>' for line in meta_lines]
-    parts.append("<h2>Validation at the last epoch</h2><table><tr><th>e_c</th><th>GFLOPs/clip</th><th>top-1</th>"
-                 "<th>top-5</th><th>mean-class</th><th>clips/s</th></tr>")
+    parts.append("<h2>Validation at the last epoch</h2><table><tr><th>e_c</th>"
+                 "<th>GFLOPs per view (multiply-add = 1)</th><th>top-1</th><th>top-5</th><th>mean-class</th>"
+                 "<th>clips/s</th></tr>")
     for r in summary_rows:
-        parts.append(f"<tr><td>{r['e_c']:g}</td><td>{_fmt(r['gflops'])}</td><td>{_fmt(r['top1'], True)}</td>"
+        parts.append(f"<tr><td>{r['e_c']:g}</td><td>{_fmt(r['gmacs'])}</td><td>{_fmt(r['top1'], True)}</td>"
                      f"<td>{_fmt(r['top5'], True)}</td><td>{_fmt(r['mean_class'], True)}</td>"
                      f"<td>{_fmt(r['clips_per_s'])}</td></tr>")
     parts.append("</table>")
@@ -378,7 +379,7 @@ def _build_run_report(cfg, run_dir, history, data, *, inference_dir, best_dir) -
         f"TensorBoard: <code>tensorboard --logdir {html.escape(run_files.join(run_dir, 'tensorboard'))}</code>"
         + (f"; MLflow: <code>{html.escape(cfg.run.mlflow_uri)}</code>" if "mlflow" in cfg.run.tracking else ""),
     ]
-    rows = [{"e_c": b, **{k: last.get(f"{k}_ec{b}") for k in ("gflops", "top1", "top5", "mean_class",
+    rows = [{"e_c": b, **{k: last.get(f"{k}_ec{b}") for k in ("gmacs", "top1", "top5", "mean_class",
                                                                "clips_per_s")}} for b in budgets]
     notes = []
     if best_dir:
