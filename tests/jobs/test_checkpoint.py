@@ -36,7 +36,8 @@ def test_inference_checkpoint_is_safetensors_and_old_model_pt_still_loads(tmp_pa
     assert sorted(p.name for p in d.iterdir()) == ["inference.json", WEIGHTS_FILE]
     with safe_open(str(d / WEIGHTS_FILE), "pt") as f:  # a plain safetensors file anyone can read
         assert set(f.keys()) == set(model.state_dict())
-    tokens = torch.randint(0, 255, (2, 4 * 16, 2 * 16 * 16 * 3), dtype=torch.uint8)
+    cfg = model.cfg
+    tokens = torch.randint(0, 255, (2, cfg.temporal_tokens * cfg.num_patches, cfg.token_dim), dtype=torch.uint8)
     with torch.no_grad():
         ref = model.forward_tokens(tokens, budget=0.3)
         ck = load_inference(tmp_path / "run")  # a run directory: its inference/
