@@ -32,10 +32,24 @@ FAST_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeou
                   "RAY_health_check_failure_threshold": "3"}
 
 
+_HANDED_OUT: set[int] = set()  # ports given to some node already: a released port can come back from bind(0)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port not handed out before in this process."""
+    held = []
+    try:
+        while True:
+            s = socket.socket()
+            held.append(s)  # kept bound until we return: the kernel cannot give the same port twice meanwhile
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    finally:
+        for s in held:
+            s.close()
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -184,8 +198,9 @@ class LocalCluster:
     def kill_node(self, node: Node) -> float:
         """A host lost: SIGKILL its raylet by pid, then everything left in its process group. Returns the time."""
         t = time.time()
-        with contextlib.suppress(OSError):
-            os.kill(node.raylet_pid, signal.SIGKILL)
+        if node.raylet_pid > 0:  # 0: the node never got a raylet, and os.kill(0, ...) would hit our own group
+            with contextlib.suppress(OSError):
+                os.kill(node.raylet_pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.killpg(node.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
