@@ -136,10 +136,20 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def _start(self, name: str, args: list[str], num_cpus: int) -> Node:
-        node = self._launch(name, args, num_cpus)
-        self._wait_for_raylet(node)
-        return node
+    def _start(self, name: str, args: list[str], num_cpus: int, attempts: int = 2) -> Node:
+        """One node, up before the next starts. On a loaded 2-core machine `ray start` can time out waiting for the
+        GCS to register it ("Failed to get node info: Deadline Exceeded"): such a node is dropped and started again."""
+        for attempt in range(attempts):
+            node = self._launch(name, args, num_cpus)
+            try:
+                self._wait_for_raylet(node)
+                return node
+            except RuntimeError:
+                self.kill_node(node)
+                self.nodes.remove(node)
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _wait_for_raylet(self, node: Node, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
@@ -180,11 +190,9 @@ class LocalCluster:
         return self._start(f"node{len(self.nodes)}", [f"--address={self.address}"], num_cpus)
 
     def add_nodes(self, *num_cpus: int) -> list[Node]:
-        """Several worker nodes, started together (each `ray start` spends most of its time waiting)."""
-        nodes = [self._launch(f"node{len(self.nodes)}", [f"--address={self.address}"], n) for n in num_cpus]
-        for node in nodes:
-            self._wait_for_raylet(node)
-        return nodes
+        """Several worker nodes, one after the other: started together, they overload the GCS of a 2-core machine
+        and `ray start` times out."""
+        return [self.add_node(n) for n in num_cpus]
 
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.node_id == node_id)
