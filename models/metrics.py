@@ -69,13 +69,15 @@ class ClassificationMetrics:
 
         self.num_classes = num_classes
         k = min(top_k, num_classes)
-        self.metrics = {
-            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "top5": MulticlassAccuracy(num_classes, top_k=k, average="micro"),
-            "per_class_top1": MulticlassAccuracy(num_classes, top_k=1, average="none"),
-            "per_class_top5": MulticlassAccuracy(num_classes, top_k=k, average="none"),
-            "confusion": MulticlassConfusionMatrix(num_classes),
-        }
+        # The counters are made on `device` directly (NCCL reduces device tensors only), not made elsewhere and moved.
+        with torch.device(device if device is not None else "cpu"):
+            self.metrics = {
+                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(num_classes, top_k=k, average="micro"),
+                "per_class_top1": MulticlassAccuracy(num_classes, top_k=1, average="none"),
+                "per_class_top5": MulticlassAccuracy(num_classes, top_k=k, average="none"),
+                "confusion": MulticlassConfusionMatrix(num_classes),
+            }
         if device is not None:
             self.to(device)
 

@@ -36,7 +36,7 @@ def test_one_decode_of_the_val_set_serves_every_budget():
     def budget_arg(e_c):
         return None if e_c >= 1.0 else capacities_for_budget(e_c)
 
-    out = _validate(TokensClassifier(model), shard, cfg, torch.device("cpu"), budget_arg, model_flops)
+    out = _validate(TokensClassifier(model), shard, cfg, torch.device("cpu"), budget_arg, model_flops, 4)[0]
     assert shard.reads == 1  # the validation videos were decoded once for all four budgets
     assert out["val_clips"] == 6
     for b in cfg.mone.val_budgets:
