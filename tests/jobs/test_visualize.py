@@ -92,6 +92,14 @@ def test_png_and_expert_map_match_the_models_routing(archive_ckpt, good_video, t
     assert fig.image.shape == png.shape and (fig.image == png).all()
 
 
+def ck_tokens(ckpt) -> int:
+    """Tokens of one clip of the checkpoint's model: temporal tokens x patches per frame."""
+    from jobs.checkpoint import load_inference
+
+    m = load_inference(ckpt).model.cfg
+    return m.temporal_tokens * m.num_patches
+
+
 def test_cli_prints_one_json_line(archive_ckpt, good_video, tmp_path, capsys):
     from jobs import visualize as vis
 
@@ -104,7 +112,7 @@ def test_cli_prints_one_json_line(archive_ckpt, good_video, tmp_path, capsys):
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(line)
-    assert summary["e_c"] == 0.5 and sum(summary["tokens_per_expert"]) == 4 * 16
+    assert summary["e_c"] == 0.5 and sum(summary["tokens_per_expert"]) == ck_tokens(ckpt)
     assert Path(summary["png"]).is_file() and Path(summary["expert_map"]).is_file()
 
 
