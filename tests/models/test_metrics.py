@@ -102,6 +102,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if dist.is_initialized():  # forked from a test session that holds a one-rank group (tests/jobs/conftest.py)
+        dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     m = ClassificationMetrics(num_classes=6)
     half = slice(0, 6) if rank == 0 else slice(6, 10)  # unequal shards
