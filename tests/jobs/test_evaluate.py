@@ -140,16 +140,6 @@ def test_missing_checkpoint_is_a_clear_error(archive_ckpt, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(archive_ckpt, ray_cluster, tmp_path_factory):
     archive, ckpt = archive_ckpt
     out = tmp_path_factory.mktemp("eval") / "preds.parquet"

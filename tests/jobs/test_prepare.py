@@ -78,16 +78,6 @@ def test_bad_arguments_are_one_line_errors_before_any_task(k400_src, tmp_path, c
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def k400_prepared(k400_src, ray_cluster, tmp_path_factory):
     src, _, _ = k400_src
     dst = tmp_path_factory.mktemp("k400_dst") / "k400_32"
