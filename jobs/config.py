@@ -84,6 +84,10 @@ class DataConfig:
     # The config's full view protocol (e.g. 4x3 for K400), run once after the last epoch over the final weights;
     # empty: none (the last per-epoch validation is the result).
     final_views: str = ""
+    # Validation clips are the same every epoch (center crops, fixed sampling): each worker keeps its decoded val
+    # batches in host memory after the first validation when they fit in this many MiB (0 = decode every epoch).
+    # The demo's 400 clips take ~20 MiB per worker; a K400 val set does not fit and is decoded every epoch.
+    val_cache_mb: int = 512
     clips_per_video: int = 1  # repeated sampling (VideoMAE's num_sample): k training clips per decoded video
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -362,6 +366,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         except (ValueError, AssertionError):
             raise ConfigError(f"data.{key}='{value}' must look like 1x1 or 4x3 (temporal x spatial, spatial 1 or "
                               "3)") from None
+    if d.val_cache_mb < 0:
+        raise ConfigError(f"data.val_cache_mb={d.val_cache_mb} must be >= 0 (0 = decode the val set every epoch)")
     if d.clips_per_video < 1:
         raise ConfigError(f"data.clips_per_video={d.clips_per_video} must be >= 1 (clips drawn per decoded video)")
     _validate_augment(cfg)

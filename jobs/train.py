@@ -512,6 +512,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     final_shard = ray.train.get_dataset_shard(job_data.FINAL_EVAL) if loop.get("final_views") else None
     pace = RunPace(cfg.optim.epochs, start_epoch)  # data-wait and ETAs
+    val_cache: dict = {}  # the decoded val batches, kept after the first validation when small (data.val_cache_mb)
 
     def budget_arg(e_c: float):
         return None if e_c >= 1.0 else capacities_for_budget(e_c, delta=cfg.mone.delta, beta=cfg.mone.beta)
@@ -592,7 +593,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                                              strict=True)]
         ema_entries = [] if ema is None else [(f"ema_ec{b}", ema_net, budget_arg(b)) for b in cfg.mone.val_budgets]
         val_metrics, confusions = _validate(net, val_shard, cfg, device, budget_arg, model_flops, len(labels),
-                                            extra + ema_entries)
+                                            extra + ema_entries, cache=val_cache)
         metrics.update(val_metrics)
         last_epoch = epoch == cfg.optim.epochs - 1
         if last_epoch and final_shard is not None:  # the full view protocol, once, over the final weights (+ EMA)
@@ -727,8 +728,44 @@ def _unpartitioned_masters(engine) -> dict[int, Any]:
             for p, m in zip(lg, hg, strict=True) if m.numel() == p.numel()}
 
 
+def _val_batches(val_shard, cfg: TrainConfig, device, cache: dict | None):
+    """The worker's val batches: decoded from its shard, or, from the second validation on, replayed from host
+    memory when every rank's batches fit in data.val_cache_mb (val clips do not change between epochs). Whether to
+    keep them is decided by all ranks together: a rank that skipped its shard while another iterated its own
+    would leave the streaming split waiting for it."""
+    import torch
+    import torch.distributed as dist
+
+    from jobs import data as job_data
+
+    if cache is not None and "batches" in cache:
+        for b in cache["batches"]:
+            yield {"tokens": b["tokens"].to(device, non_blocking=True), "label": b["label"].to(device),
+                   "path": b["path"]}
+        return
+    limit = (cfg.data.val_cache_mb * 2**20) if cache is not None else 0
+    kept: list[dict] | None = [] if limit else None
+    size = 0
+    for batch in job_data.iter_batches(val_shard, cfg.optim.batch_size, device, train=False):
+        if kept is not None:
+            size += batch["tokens"].numel() * batch["tokens"].element_size()
+            if size > limit:
+                kept = None
+            else:
+                kept.append({"tokens": batch["tokens"].cpu(), "label": batch["label"].cpu(), "path": batch["path"]})
+        yield batch
+    if not limit:
+        return
+    fits = torch.tensor(int(kept is not None), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    if fits.item():
+        cache["batches"] = kept
+
+
 def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops, num_classes: int,
-              extra: list[tuple[str, Any, Any]] | None = None) -> tuple[dict[str, Any], dict[float, Any]]:
+              extra: list[tuple[str, Any, Any]] | None = None,
+              cache: dict | None = None) -> tuple[dict[str, Any], dict[float, Any]]:
     """Top-1/top-5/mean-class accuracy (torchmetrics, every rank's counts summed), FLOPs and clips/s at each
     validation budget, on one decode of the val set; also the confusion matrix (C, C) of each budget. `extra`:
     more (key, net, capacities) entries on the same decode (nested widths, the EMA weights). Views are fused by
@@ -741,7 +778,6 @@ def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops,
     import torch
     import torch.distributed as dist
 
-    from jobs import data as job_data
     from models.metrics import ClassificationMetrics, fuse_views
 
     budgets = list(cfg.mone.val_budgets)
@@ -752,7 +788,7 @@ def _validate(net, val_shard, cfg: TrainConfig, device, budget_arg, model_flops,
     seconds = torch.zeros(len(entries), dtype=torch.float64, device=device)  # on the device: NCCL can reduce it
     views = 1
     with torch.no_grad():
-        for batch in job_data.iter_batches(val_shard, cfg.optim.batch_size, device, train=False):
+        for batch in _val_batches(val_shard, cfg, device, cache):
             tokens, target = batch["tokens"], batch["label"]  # (B, V, L, K), (B,)
             B, views = tokens.shape[:2]
             flat = tokens.flatten(0, 1)  # (B*V, L, K)
