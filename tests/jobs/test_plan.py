@@ -44,8 +44,8 @@ def test_dry_run_prints_yaml_and_the_plan_and_starts_no_ray(name, tmp_path):
 
 def test_plan_of_the_demo_and_of_a_nested_stage():
     demo = describe(load_config("tiny_cpu"))
-    assert demo["train_clips"] == 8 * 60 and demo["optimisation"]["global_batch"] == 32
-    assert demo["steps_per_epoch"] == 480 // 32
+    assert demo["train_clips"] == 8 * 60 and demo["optimisation"]["global_batch"] == 16  # 8 per worker x 2
+    assert demo["steps_per_epoch"] == 480 // 16
     assert demo["validation"]["gflops_per_view"]["ec1.0"] > demo["validation"]["gflops_per_view"]["ec0.3"]
     nested = describe(load_config("k400_vivit_b16_nested", check_paths=False))
     assert [s["stage"] for s in nested["stages"]] == ["nested"]
