@@ -604,13 +604,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if rank == 0:
             run_files.write_text(run_files.join(loop["run_dir"], "metrics.jsonl"),
                                  "".join(json.dumps(m) + "\n" for m in history))
-            print("[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, data-wait {:.0f}%, ".format(
-                epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"],
-                100 * metrics["data_wait_fraction"])
-                + ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets)
-                + "".join(f", width {k[9:]}xD {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_width"))
-                + "".join(f", EMA@{k[12:]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("top1_ema_ec")),
-                flush=True)
+            print(epoch_line(epoch, cfg, metrics), flush=True)
             report.write_confusion(run_files.join(loop["run_dir"], report.VAL_CONFUSION_FILE), confusions, labels,
                                    epoch=epoch)
             tracker.log_epoch(global_step, metrics, functools.partial(
@@ -726,6 +720,21 @@ def _unpartitioned_masters(engine) -> dict[int, Any]:
         return {}
     return {id(p): m for lg, hg in zip(low, high, strict=True) if len(lg) == len(hg)
             for p, m in zip(lg, hg, strict=True) if m.numel() == p.numel()}
+
+
+def epoch_line(epoch: int, cfg: TrainConfig, metrics: dict[str, Any]) -> str:
+    """The log line of a finished epoch: loss, speed, data-wait, top-1 at each validation budget, then each nested
+    width's and the EMA weights' top-1 when they were validated."""
+    line = "[mone] epoch {}/{}: loss {:.3f}, {:.1f} clips/s, data-wait {:.0f}%, ".format(
+        epoch + 1, cfg.optim.epochs, metrics["train_loss"], metrics["train_clips_per_s"],
+        100 * metrics["data_wait_fraction"])
+    line += ", ".join(f"top-1@{b} {100 * metrics[f'top1_ec{b}']:.1f}%" for b in cfg.mone.val_budgets)
+    for key, v in metrics.items():
+        if key.startswith("top1_width"):
+            line += f", width {key.removeprefix('top1_width')}xD {100 * v:.1f}%"
+        elif key.startswith("top1_ema_ec"):
+            line += f", EMA@{key.removeprefix('top1_ema_ec')} {100 * v:.1f}%"
+    return line
 
 
 def _val_batches(val_shard, cfg: TrainConfig, device, cache: dict | None):

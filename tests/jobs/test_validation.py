@@ -89,3 +89,17 @@ def test_view_protocols_and_clips_per_video_in_the_config():
     for bad, msg in ((["data.final_views=4x2"], "data.final_views='4x2'"), (["data.clips_per_video=0"], ">= 1")):
         with pytest.raises(ConfigError, match=msg):
             load_config("tiny_cpu", bad)
+
+
+def test_the_epoch_log_line_names_each_budget_width_and_ema_entry():
+    from jobs.train import epoch_line
+
+    cfg = load_config("tiny_cpu", ["mone.val_budgets=[0.3,1.0]"])
+    metrics = {"train_loss": 0.5, "train_clips_per_s": 40.0, "data_wait_fraction": 0.1, "top1_ec0.3": 0.9,
+               "top1_ec1.0": 0.95, "top1_width0.125": 0.5, "top1_width1.0": 0.8, "top1_ema_ec0.3": 0.91,
+               "top1_ema_ec1.0": 0.96}
+    line = epoch_line(3, cfg, metrics)
+    assert line.startswith(f"[mone] epoch 4/{cfg.optim.epochs}: loss 0.500, 40.0 clips/s, data-wait 10%, ")
+    for part in ("top-1@0.3 90.0%", "top-1@1.0 95.0%", "width 0.125xD 50.0%", "width 1.0xD 80.0%", "EMA@0.3 91.0%",
+                 "EMA@1.0 96.0%"):
+        assert part in line, (part, line)
