@@ -612,8 +612,11 @@ def build_dataset(
     # The input is only the epoch's chunks (start, stop), one block each: an execution (an epoch) plans a few
     # hundred tiny blocks, whatever the archive's size, and needs no all-to-all shuffle before the first clip.
     starts = np.arange(0, n, per_task)
-    chunks = [pa.table({"start": [int(a)], "stop": [int(min(a + per_task, n))]}) for a in starts]
-    ds = ray.data.from_arrow(chunks)
+    # from_items, not from_arrow: from_arrow computes block metadata in Ray tasks of 1 whole CPU each, which never
+    # start on a cluster where no node has a whole CPU free (1-CPU nodes each holding a Tune trial's 0.01 CPU:
+    # a Tune experiment hung for good after a node loss). from_items does it here, in this process.
+    chunks = [{"start": int(a), "stop": int(min(a + per_task, n))} for a in starts]
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     loader_kwargs = {"spec": spec, "manifest": ray.put(manifest.select(["path", "label"])), "decoder": decoder,
                      "seed": seed, "epoch": epoch, "shuffle": spec.train if shuffle is None else shuffle,
                      "batch_size": batch_size, "error_log": error_log, "keep_errors": keep_errors,

@@ -149,3 +149,34 @@ def test_two_clips_per_decode_deterministic_per_epoch(ray_local, k400_tree):
     assert all(any((x == y).all() for y in runs[2][p]) for p in good for x in runs[0][p])  # epoch 0 again: same
     assert any(not (runs[0][p][0] == runs[1][p][0]).all() for p in good)  # epoch 1: new clips
     assert log.counts()["good"][0] == 2 * len(good)  # each epoch-0 pass counted its good videos
+
+
+def test_building_a_dataset_never_waits_for_a_whole_free_cpu(ray_local, k400_tree):
+    """Every CPU of the cluster partly taken (as on 1-CPU nodes that each hold a Tune trial's 0.01 CPU): building
+    and streaming the dataset must start with the fraction that is free. `ray.data.from_arrow` computed block
+    metadata in 1-CPU tasks that never started there: a Tune experiment hung for good after a node loss."""
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ready(self):
+            return True
+
+    holders = [Holder.options(num_cpus=1).remote(), Holder.options(num_cpus=0.75).remote()]  # 0.25 of 2 CPUs left
+    ray.get([h.ready.remote() for h in holders])
+    val = build_manifest(k400_tree).split("validate")
+    got: dict = {}
+
+    def build_and_read():
+        ds = D.build_dataset(val, SPEC, concurrency=1, num_cpus_per_task=0.25, seed=0, epoch=0)
+        got["paths"] = [r["path"] for r in ds.take_all()]
+
+    try:
+        worker = threading.Thread(target=build_and_read, daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "the dataset waited for a whole free CPU"
+    finally:
+        for h in holders:
+            ray.kill(h)
+    assert sorted(got["paths"]) == sorted(set(val.column("path").to_pylist()) - _corrupt(k400_tree))
