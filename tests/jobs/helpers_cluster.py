@@ -9,7 +9,8 @@ Every node is its own `ray start --block` process with its own raylet, started i
 - worker nodes with a few logical CPUs each.
 `kill_node` simulates the loss of a host: SIGKILL to the node's raylet by pid, then to everything left in its
 process group. `stop` ends the whole cluster the same way, by process group: never `ray stop`, which would stop
-every Ray on the machine (other people's included). All nodes share one short temp dir of their own.
+every Ray on the machine (other people's included). The cluster has one short temp dir of its own; each worker
+node has a folder of its own in it, as separate hosts have (see `add_node`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,11 @@ class LocalCluster:
         raise RuntimeError(f"no dashboard at {self.dashboard_url} after {timeout_s} s")
 
     def add_node(self, num_cpus: int = 1) -> Node:
-        return self._start(f"node{len(self.nodes)}", [f"--address={self.address}"], num_cpus)
+        # Each worker node gets a temp dir of its own, as separate hosts have: sharing the head's, the nodes'
+        # runtime-env agents unpacked a job's working_dir into one folder and removed it under each other, and
+        # a worker started there hung 60 s (Ray's worker registration timeout) on every `mone submit`.
+        name = f"node{len(self.nodes)}"
+        return self._start(name, [f"--address={self.address}", f"--temp-dir={self.temp_dir}/{name}"], num_cpus)
 
     def add_nodes(self, *num_cpus: int) -> list[Node]:
         """Several worker nodes, one after the other: started together, they overload the GCS of a 2-core machine

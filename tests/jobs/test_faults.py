@@ -290,7 +290,10 @@ def test_training_survives_losing_the_workers_node_then_one_of_two(tmp_path):
     starts = [e for e in res["_events"] if e["event"] == "start"]
     assert len(starts) == 3 and starts[0]["epoch"] == 0
     for kill, restored in zip(res["_kills"], starts[1:], strict=True):
-        assert restored["epoch"] == kill["checkpoint_epoch"] + 1 >= 1  # from the latest checkpoint at the kill
+        # From the latest checkpoint: the one committed when the node was killed, or the one of the epoch then
+        # running if its commit was already on its way (seen: killed during epoch 2, resumed at epoch 3).
+        assert kill["checkpoint_epoch"] + 1 <= restored["epoch"] <= kill["epoch"] + 1, (kill, restored)
+        assert restored["epoch"] >= 1
         assert kill["node"] not in {w["node_id"] for w in restored["workers"]}
     assert all(r is not None and r > 0 for r in res["recovery_s"])
 
@@ -475,16 +478,17 @@ def test_tune_trial_is_restored_from_its_checkpoint_after_its_node_dies(tmp_path
             victim = None
             while victim is None:
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "tune.log").read_text()[-4000:]
-                where = {}  # trial -> (its driver's node, its workers' nodes), for trials with a checkpoint
+                where = {}  # trial -> (its driver's node, its workers' nodes)
                 for trial in (exp / "trials").glob("*"):
                     starts = [e for e in read_jsonl(trial / "attempts.jsonl") if e["event"] == "start"]
-                    if starts and drill.checkpoint_epoch(trial) >= 0:
+                    if starts:
                         where[trial] = (starts[-1]["driver"]["node_id"], {w["node_id"] for w in starts[-1]["workers"]})
-                # The hardest loss when there is one: a trial's driver node that also runs the other trial's worker
-                # (both trials are then run again at once; this is how the from_arrow hang showed itself).
-                both = [t for t, (d, _) in where.items() if any(d in w for u, (_, w) in where.items() if u != t)]
-                if both or (where and time.monotonic() > deadline - 300):
-                    trial = (both or sorted(where))[0]
+                ready = sorted(t for t in where if drill.checkpoint_epoch(t) >= 0)
+                if ready:
+                    # The hardest loss when there is one: a trial's driver node that also runs the other trial's
+                    # worker (both trials are then run again at once; this is how the from_arrow hang showed).
+                    both = [t for t in ready if any(where[t][0] in w for u, (_, w) in where.items() if u != t)]
+                    trial = (both or ready)[0]
                     victim = (trial, cluster.node(where[trial][0]))
                 time.sleep(0.5)
             cluster.kill_node(victim[1])
