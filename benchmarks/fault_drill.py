@@ -5,8 +5,8 @@ and three with 1 CPU, each its own `ray start` with its own raylet. Two workers 
 2-CPU node. The drill then
 1. waits for the first checkpoint and kills that node (SIGKILL to its raylet, then its process group): the node
    holding all the workers;
-2. waits for Ray Train to restart the workers, necessarily on two 1-CPU nodes, and for a checkpoint of the restored
-   run, then kills one of those two nodes;
+2. waits for Ray Train to restart the workers, necessarily on two 1-CPU nodes, and for the restored run's first
+   training step, then kills one of those two nodes;
 3. waits for the same command to finish (run.max_failures=2), and checks its outputs.
 
 Ends with one JSON line: node_killed_at_epoch (the epoch in progress at each kill), restarts (from the run's final
@@ -24,6 +24,7 @@ Node deaths are detected faster than with Ray's defaults (health checks every 1 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from helpers_cluster import LocalCluster  # noqa: E402
 
-EPOCHS = 4
+EPOCHS = 3
 WORKERS, BATCH = 2, 4
 SYNTH = {"classes": 4, "videos_per_class": 8, "val_videos_per_class": 2, "corrupt": 0, "frames": 8, "width": 64,
          "height": 64}
@@ -102,14 +103,17 @@ def checkpoint_epoch(run_dir: Path) -> int:
 
 
 def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, timeout_s: float = 900,
-                   echo=print) -> dict[str, Any]:
-    """Runs the drill in `work`; returns the figures plus what a test needs to check the outputs."""
+                   echo=print, cluster: LocalCluster | None = None, cache: Path | None = None) -> dict[str, Any]:
+    """Runs the drill in `work`; returns the figures plus what a test needs to check the outputs. `cluster`: a
+    running LocalCluster to add the drill's nodes to (the tests share one); default: a cluster of its own.
+    `cache`: where the generated dataset is kept (default: in `work`)."""
     t0 = time.time()
-    storage, cache, name = work / "runs", work / "cache", "drill"
+    storage, cache, name = work / "runs", cache or work / "cache", "drill"
     run_dir = storage / name
     log, out_file = work / "train.log", work / "train.out"  # stderr (Ray's logs, progress) / stdout (ours)
-    with LocalCluster(fast_detection=fast_detection) as cluster:
-        cluster.start_head()
+    with contextlib.nullcontext(cluster) if cluster else LocalCluster(fast_detection=fast_detection) as cluster:
+        if cluster.head is None:
+            cluster.start_head()
         cluster.add_nodes(2, 1, 1, 1)
         echo(f"[drill] cluster up in {time.time() - t0:.0f} s: head (0 CPU) + 1 x 2 CPU + 3 x 1 CPU nodes at "
              f"{cluster.address}", flush=True)
@@ -125,8 +129,13 @@ def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, t
                 # the attempt that is running now, once it has a checkpoint of its own
                 attempt = wait_for(lambda k=k: starts(run_dir)[k] if len(starts(run_dir)) > k else None,
                                    proc, log, 600, f"attempt {k + 1} to start")
-                wait_for(lambda a=attempt: checkpoint_epoch(run_dir) >= a["epoch"], proc, log, 600,
-                         f"a checkpoint of attempt {k + 1}")
+                if k == 0:  # after the first checkpoint
+                    wait_for(lambda a=attempt: checkpoint_epoch(run_dir) >= a["epoch"], proc, log, 600,
+                             "the first checkpoint")
+                else:  # a restored attempt, once it trains again (it may restore from the same checkpoint)
+                    wait_for(lambda a=attempt: any(e.get("event") == "first_step" and e["time"] > a["time"]
+                                                   for e in read_jsonl(run_dir / "attempts.jsonl")),
+                             proc, log, 600, f"attempt {k + 1}'s first step")
                 nodes = sorted({w["node_id"] for w in attempt["workers"]})
                 victim = cluster.node(nodes[0])
                 done = [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")]

@@ -199,6 +199,12 @@ class LocalCluster:
         and `ray start` times out."""
         return [self.add_node(n) for n in num_cpus]
 
+    def ensure_workers(self, count: int, num_cpus: int = 1) -> list[Node]:
+        """At least `count` live worker nodes of `num_cpus` CPUs (a test sharing the cluster tops up what earlier
+        tests killed); returns those nodes."""
+        live = [n for n in self.nodes if n.alive and n is not self.head and n.num_cpus == num_cpus]
+        return live + self.add_nodes(*[num_cpus] * max(0, count - len(live)))
+
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.node_id == node_id)
 
