@@ -126,7 +126,7 @@ def training_drill(work: Path, *, kills: int = 2, fast_detection: bool = True, t
         kills_done: list[dict[str, Any]] = []
         try:
             for k in range(kills):
-                # the attempt that is running now, once it has a checkpoint of its own
+                # the attempt that is running now
                 attempt = wait_for(lambda k=k: starts(run_dir)[k] if len(starts(run_dir)) > k else None,
                                    proc, log, 600, f"attempt {k + 1} to start")
                 if k == 0:  # after the first checkpoint
