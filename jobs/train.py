@@ -497,7 +497,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ema.load_state_dict(torch.load(Path(d, EMA_FILE), map_location=device, weights_only=True))
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         if rank == 0:
-            print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})")
+            print(f"[mone] resumed from epoch {start_epoch} (global step {global_step})", flush=True)
     tracker = tracking.open_tracker(cfg, loop["run_dir"], rank=rank, start_step=global_step)  # no-op off rank 0
     _record_attempt(loop, rank, world, start_epoch, global_step)
 

@@ -138,7 +138,12 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     last_done = max(done)
-    assert f"resumed from epoch {last_done + 1}" in out.stdout + out.stderr
+    from jobs import faults
+
+    starts = [(e["invocation"], e["epoch"]) for e in faults.attempts(str(run_dir)) if e.get("event") == "start"]
+    mone_lines = [x for x in (out.stdout + out.stderr).splitlines() if "[mone]" in x]
+    assert starts[0][1] == 0 and starts[-1][1] == last_done + 1, (starts, mone_lines[:20])
+    assert f"resumed from epoch {last_done + 1}" in out.stdout + out.stderr, (starts, mone_lines[:20])
     history = _metrics(run_dir)
     assert [m["epoch"] for m in history] == [0, 1, 2]  # no epoch twice, none lost
     assert history[: len(first)] == first  # finished epochs are kept, not redone
