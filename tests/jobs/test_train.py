@@ -108,6 +108,17 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after():
+    """Every train worker imports DeepSpeed at each (re)start; its autotuner's MLflow import doubled that. The
+    block must not outlive the import: tracking to MLflow imports it afterwards."""
+    code = ("import sys; from jobs.train import _import_deepspeed; ds = _import_deepspeed(); "
+            "import deepspeed.autotuning.autotuner as a; assert not a.has_mlflow; "
+            "assert 'mlflow' not in sys.modules; import mlflow; print('ok', mlflow.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert out.returncode == 0 and "ok mlflow" in out.stdout, out.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     storage, cache = tmp_path / "runs", tmp_path / "cache"
