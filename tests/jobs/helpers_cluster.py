@@ -29,8 +29,13 @@ from pathlib import Path
 
 # Faster node-death detection than Ray's defaults (health check every 3 s, 5 misses): the drills measure
 # recovery, not Ray's detection delay. Applied to the GCS (head) through Ray's RAY_<config> environment.
+# Ray Train's controller polls its workers' health every 2 s by default: every 1 s here.
 FAST_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                  "RAY_health_check_failure_threshold": "3"}
+                  "RAY_health_check_failure_threshold": "3", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+# Ray Train starts a PreemptionWatcher actor at every (re)start of a run: it acts on a node's drain notice (a cloud's
+# preemption warning). A SIGKILLed raylet sends none, so in these drills it is only one more Ray process to start
+# per restart on 2 cores.
+NO_DRAIN_NOTICES = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 _HANDED_OUT: set[int] = set()  # ports given to some node already: a released port can come back from bind(0)
@@ -99,6 +104,7 @@ class LocalCluster:
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
         if fast_detection:
             self.env.update(FAST_DETECTION)
+        self.env.update(NO_DRAIN_NOTICES)
         self.env.update(env or {})
         self.port = free_port()
         self.dashboard_port = free_port()
@@ -167,11 +173,12 @@ class LocalCluster:
             time.sleep(0.5)
         raise RuntimeError(f"{node.name}: no raylet after {timeout_s} s:\n{node.log.read_text()}")
 
-    def start_head(self) -> Node:
+    def start_head(self, num_cpus: int = 0) -> Node:
+        """The head; with no CPUs by default (work lands on the worker nodes). A one-node cluster: give it some."""
         args = ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1",
                 f"--include-dashboard={'true' if self.dashboard else 'false'}",
                 f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
-        self.head = self._start("head", args, 0)
+        self.head = self._start("head", args, num_cpus)
         if self.dashboard:
             self._wait_for_dashboard()
         return self.head

@@ -309,19 +309,33 @@ def test_submit_follow_list_logs_fail_and_stop(ray_head):
     assert rc == 1 and summary["status"] == "FAILED" and summary["driver_exit_code"] == 3
     assert "boom: bad things" in summary["log_tail"] and "boom: bad things" in err  # the tail is printed
 
-    sleeper = "import time; print('sleeping', flush=True); time.sleep(600)"
-    rc, out, err, summary = mone(
-        "submit",
-        "tune",
-        "--name",
-        "sleeper",
-        "--address",
-        ray_head,
-        "--entrypoint",
-        f"python -c {shlex.quote(sleeper)}",
-    )
-    assert rc == 0 and summary["status"] == "PENDING" and summary["submission_id"].startswith("sleeper-")
-    sid = summary["submission_id"]
+    # `--follow` interrupted by Ctrl-C (SIGINT): exit 130, the job keeps running, and the line says how to re-attach.
+    sleeper = "import time; print('sleeper', 'up', flush=True); time.sleep(600)"  # prints a line not in the command
+    log = Path(tempfile.mkdtemp(prefix="mone_follow_")) / "follow.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "submit", "tune", "--name", "sleeper", "--address", ray_head,
+             "--follow", "--entrypoint", f"python -c {shlex.quote(sleeper)}"],
+            cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, stdout=f,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "sleeper up" not in log.read_text().splitlines():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 130, log.read_text()
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = log.read_text()
+    sid = text.split("submitted ", 1)[1].split()[0]
+    assert sid.startswith("sleeper-") and "Traceback" not in text
+    assert f"{sid} keeps running on the cluster" in text and f"mone jobs logs {sid} --follow" in text
+    rc, out, err, summary = mone("jobs", "status", sid, "--address", ray_head)
+    assert rc == 0 and summary["status"] == "RUNNING"
     rc, out, err, summary = mone("jobs", "stop", sid, "--wait", "--address", ray_head)
     assert rc == 0 and summary["status"] == "STOPPED"
     rc, out, err, summary = mone("jobs", "status", sid, "--address", ray_head)
