@@ -388,7 +388,7 @@ def test_whole_cluster_restart_then_out_of_restarts(cluster, eval_reference, syn
     resume_eval = start([*base, "--out", str(restarted)], second.client_env(), tmp_path / "resumed.log")  # meanwhile
     try:
         deadline = time.monotonic() + 300
-        while len(attempts := [e for e in read_jsonl(run_dir / "attempts.jsonl") if e["event"] == "start"]) < 2:
+        while len(attempts := drill.starts(run_dir)) < 2:
             assert time.monotonic() < deadline, "the resubmitted run did not start in 300 s"
             time.sleep(0.5)
         attempt = attempts[-1]
@@ -494,7 +494,7 @@ def test_tune_trial_is_restored_from_its_checkpoint_after_its_node_dies(cluster,
         while victim is None:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "tune.log").read_text()[-4000:]
             for t in (exp / "trials").glob("*"):
-                starts = [e for e in read_jsonl(t / "attempts.jsonl") if e["event"] == "start"]
+                starts = drill.starts(t)
                 if starts and drill.checkpoint_epoch(t) >= 0:
                     trial, victim = t, cluster.node(starts[-1]["workers"][0]["node_id"])
             time.sleep(0.5)
@@ -508,7 +508,7 @@ def test_tune_trial_is_restored_from_its_checkpoint_after_its_node_dies(cluster,
 
     trials = pd.read_parquet(exp / "trials.parquet")
     assert len(trials) == 1 and trials["error"].isna().all() and (trials["epochs"] == 4).all()  # finished
-    starts = [e for e in read_jsonl(trial / "attempts.jsonl") if e["event"] == "start"]
+    starts = drill.starts(trial)
     assert len(starts) >= 2 and starts[-1]["epoch"] >= 1  # run again by Tune, from its checkpoint
     assert victim.node_id not in {w["node_id"] for w in starts[-1]["workers"]}
     assert [m["epoch"] for m in read_jsonl(trial / "metrics.jsonl")] == [0, 1, 2, 3]
