@@ -71,6 +71,29 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+def kill_session(sid: int, timeout_s: float = 15.0) -> None:
+    """SIGKILL every process of session `sid` (a `start_new_session=True` child) until none is left. Killing its
+    process group is not enough: Ray puts each worker in a process group of its own, and those workers go on (and
+    persist checkpoints) for seconds after their raylet died."""
+    deadline = time.time() + timeout_s
+    while True:
+        live = [p for p in _session_pids(sid) if not _is_zombie(p)]
+        if not live or time.time() > deadline:
+            return
+        for pid in live:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 :].split()[0] == "Z"
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

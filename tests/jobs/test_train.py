@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,9 @@ import pytest
 
 from jobs.config import ConfigError, load_config
 from jobs.train import check_resources
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers_cluster import kill_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,6 +105,11 @@ def _registered_checkpoints(run_dir: Path) -> int:
     return len(snapshot.get("checkpoint_results", []))
 
 
+def _checkpointed_epochs(run_dir: Path) -> list[int]:
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    return sorted(c["metrics"]["epoch"] for c in snapshot["checkpoint_results"])
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -137,18 +144,19 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
             time.sleep(1)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert list(run_dir.glob("checkpoint_*")), "no checkpoint within the time limit"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+    finally:  # every process of the run: Ray's workers live in process groups of their own
+        kill_session(proc.pid)
         proc.wait()
     first = _metrics(run_dir)
     done = {m["epoch"] for m in first}
     assert 0 in done and len(done) < 3
+    last_done = _checkpointed_epochs(run_dir)[-1]  # what a re-run resumes from: the last persisted checkpoint
+    assert set(range(last_done + 1)) <= done
 
     # 2) The same command again resumes from the latest checkpoint and finishes.
     out = subprocess.run(cmd, cwd=ROOT, env=_run_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    last_done = max(done)
     from jobs import faults
 
     starts = [(e["invocation"], e["epoch"]) for e in faults.attempts(str(run_dir)) if e.get("event") == "start"]
@@ -157,7 +165,7 @@ def test_zero2_run_is_killed_and_resumes_without_redoing_epochs(tmp_path):
     assert f"resumed from epoch {last_done + 1}" in out.stdout + out.stderr, (starts, mone_lines[:20])
     history = _metrics(run_dir)
     assert [m["epoch"] for m in history] == [0, 1, 2]  # no epoch twice, none lost
-    assert history[: len(first)] == first  # finished epochs are kept, not redone
+    assert history[: last_done + 1] == first[: last_done + 1]  # checkpointed epochs are kept, not redone
     steps = [m["global_step"] for m in history]
     per_epoch = steps[0]
     assert per_epoch > 0 and steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]  # the step counter continues
