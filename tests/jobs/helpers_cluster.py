@@ -262,10 +262,8 @@ class LocalCluster:
         for node in reversed(self.nodes):
             if node.alive:
                 self.kill_node(node)
-        for node in self.nodes:  # anything a node spawned into another session but that runs from our temp dir
-            for pid in _session_pids(node.proc.pid):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+        for node in self.nodes:  # its workers sit in process groups of their own: kill the session until empty
+            kill_session(node.proc.pid, timeout_s=5.0)
         for d in Path("/proc").glob("[0-9]*"):  # e.g. job drivers, which run in a working dir under it
             pid = int(d.name)
             try:
