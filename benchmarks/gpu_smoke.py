@@ -183,9 +183,10 @@ def stage_env(args, s, res):
         # The training loop's collate pins batches (so non_blocking copies overlap); check it really does here.
         import numpy as np
 
-        from jobs.data import _collate
+        from pipeline.dataset import TorchCollate
 
-        b = _collate({"tokens": np.zeros((2, 1, 4, 8), np.uint8), "label": np.zeros(2), "path": ["a", "b"]}, pin=True)
+        b = TorchCollate(pin=True)({"tokens": np.zeros((2, 1, 4, 8), np.uint8), "label": np.zeros(2),
+                                    "path": ["a", "b"]})
         check(b["tokens"].is_pinned() and b["label"].is_pinned(), "the collate did not pin the batch")
         parts.insert(0, f"{p.name}, {res['gpu_memory_gb']} GiB, capability {p.major}.{p.minor}; batches pinned")
     else:

@@ -45,27 +45,13 @@ def split_config():
     return DataConfig(datasets_to_split="all")
 
 
-def _collate(batch: dict[str, Any], pin: bool = False) -> dict[str, Any]:
-    """numpy batch -> tensors; runs in Ray's prefetch threads. With `pin` (a CUDA loop) the tensors are put in
-    page-locked memory here, so the loop's `.to(device, non_blocking=True)` is an asynchronous copy instead of a
-    staged, synchronous one (Ray pins and moves only all-tensor batches; ours also carry the paths)."""
-    import numpy as np
-    import torch
-
-    tokens = torch.from_numpy(np.ascontiguousarray(batch["tokens"]))  # (B, V, L, K) uint8
-    label = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))  # (B,)
-    if pin:
-        tokens, label = tokens.pin_memory(), label.pin_memory()
-    return {"tokens": tokens, "label": label, "path": [str(p) for p in batch["path"]]}
-
-
 def iter_batches(shard, batch_size: int, device, *, train: bool) -> Iterator[dict[str, Any]]:
     """Batches of a worker's shard, on its device. Training drops the last partial batch (equal step counts)."""
-    import functools
-
     import torch
 
-    collate = functools.partial(_collate, pin=torch.device(device).type == "cuda")
+    from pipeline.dataset import TorchCollate
+
+    collate = TorchCollate(pin=torch.device(device).type == "cuda")  # pinned: asynchronous copies to the GPU
     for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=train, collate_fn=collate,
                                           prefetch_batches=2):
         yield {

@@ -688,10 +688,19 @@ def _make_torch_collate():
         base = object
 
     class TorchCollate(base):
-        """`ds.iter_torch_batches(batch_size=B, collate_fn=TorchCollate())` -> dicts as `torch_collate` gives."""
+        """`ds.iter_torch_batches(batch_size=B, collate_fn=TorchCollate())` -> dicts as `torch_collate` gives.
+        `pin=True` (a CUDA loop) puts the tensors in page-locked memory in Ray's prefetch threads, so the loop's
+        `.to(device, non_blocking=True)` is an asynchronous copy (Ray pins only all-tensor batches; ours carry
+        the paths too)."""
+
+        def __init__(self, pin: bool = False) -> None:
+            self.pin = pin
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-            return torch_collate(batch)
+            out = torch_collate(batch)
+            if self.pin:
+                out["tokens"], out["label"] = out["tokens"].pin_memory(), out["label"].pin_memory()
+            return out
 
     TorchCollate.__module__, TorchCollate.__qualname__ = __name__, "TorchCollate"
     return TorchCollate

@@ -66,3 +66,20 @@ def test_error_log_counts_a_file_once_per_epoch():
     msg = log.add(0, 0, [("c.mp4", "open", "z")])
     assert msg and "3 of 10 videos failed in epoch 0" in msg and "c.mp4" in msg
     assert log.add(1, 0, [("a.mp4", "open", "x")]) is None  # a new epoch counts afresh
+
+
+def test_torch_collate_is_a_ray_collate_class_and_keeps_the_paths():
+    """Ray 2.47+ deprecates plain collate functions (a warning on every epoch of every worker): the training loop
+    and the pipeline hand Ray this class. Read-only arrays (as Ray hands them out) become writable tensors."""
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    tokens = np.arange(2 * 1 * 3 * 4, dtype=np.uint8).reshape(2, 1, 3, 4)
+    tokens.flags.writeable = False
+    batch = {"tokens": tokens, "label": np.array([3, 1]), "path": np.array(["a.mp4", "b.mp4"], dtype=object)}
+    collate = D.TorchCollate()
+    assert isinstance(collate, NumpyBatchCollateFn) and not collate.pin
+    out = collate(batch)
+    assert out["tokens"].dtype == torch.uint8 and torch.equal(out["tokens"], torch.from_numpy(tokens.copy()))
+    assert out["label"].dtype == torch.int64 and out["label"].tolist() == [3, 1]
+    assert out["path"] == ["a.mp4", "b.mp4"]
