@@ -1,13 +1,7 @@
-"""data.augment, model.drop_path and optim.label_smoothing: validated before Ray, carried to the decode workers and
-the train step, and a real `mone train` epoch with every piece on."""
+"""data.augment, model.drop_path and optim.label_smoothing: validated before Ray and carried to the decode workers
+and the train step. A real `mone train` with every piece on is test_tracking.py's run (one Ray Train run for both)."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +9,6 @@ from jobs.config import ConfigError, load_config
 from jobs.data import clip_spec_dict
 from pipeline.sampling import ClipSpec
 
-ROOT = Path(__file__).resolve().parents[2]
 ALL_ON = [
     "data.augment.randaugment_layers=2", "data.augment.randaugment_magnitude=9", "data.augment.color_jitter=0.4",
     "data.augment.scale_jitter=[0.9,1.33]", "data.augment.random_erasing=0.25", "data.augment.mixup=0.8",
@@ -50,22 +43,3 @@ def test_off_by_default_and_carried_to_the_training_clip_only():
     assert train.augment.randaugment_layers == 2 and train.augment.scale_jitter == (0.9, 1.33)
     assert train.augment.random_erasing == 0.25 and train.augment.color_jitter == 0.4
     assert not val.augment.active and val.augment.scale_jitter == (1.0, 1.0)  # validation clips are never augmented
-
-
-@pytest.mark.slow
-def test_one_epoch_with_every_augmentation_on(tmp_path):
-    """The decode workers (RandAugment, jitter, erasing), the train step (mixup/cutmix + soft targets + label
-    smoothing) and stochastic depth run together under Ray Train + DeepSpeed."""
-    cmd = [sys.executable, "-m", "jobs.cli", "train", "--config", "tiny_cpu", *ALL_ON,
-           "optim.epochs=1", "optim.batch_size=4", "data.synth.classes=4", "data.synth.videos_per_class=4",
-           "data.synth.val_videos_per_class=1", "data.synth.corrupt=0", "mone.val_budgets=[0.3,1.0]",
-           "mone.dense_epochs=0", f"data.cache_dir={tmp_path / 'cache'}", f"run.storage_path={tmp_path / 'runs'}",
-           "run.name=aug", "run.max_failures=0"]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["epochs"] == 1 and 0 < summary["train_loss"] < 10
-    config = (tmp_path / "runs" / "aug" / "config.yaml").read_text()
-    assert "mixup: 0.8" in config and "drop_path: 0.1" in config and "randaugment_layers: 2" in config

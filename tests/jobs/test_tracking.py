@@ -1,7 +1,8 @@
 """Tracking, checkpoints and the run report end to end: one short `mone train` (2 Ray Train workers, ZeRO-2)
 with TensorBoard, a real local MLflow server started here, W&B in offline mode and `run.keep_best`; then what a user
 opens afterwards: the event files, the MLflow run, the W&B offline run, model.safetensors, best/, report.html in
-headless Chromium. The tracker and the confusion figure alone first (no Ray)."""
+headless Chromium. The same run has every augmentation on in its MoNE stage (one `mone train` fewer in CI than a
+run of its own for them). The tracker and the confusion figure alone first (no Ray)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_augment_config import ALL_ON  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BUDGETS = (0.3, 1.0)
@@ -180,6 +184,7 @@ def trained(mlflow_server, tmp_path_factory):
         f"mone.val_budgets=[{','.join(map(str, BUDGETS))}]", f"data.cache_dir={cache}",
         f"run.storage_path={storage}", "run.name=tracked", "run.max_failures=0", "run.log_every=1",
         "run.keep_best=lr", "run.tracking=[mlflow,wandb]", f"run.mlflow_uri={mlflow_server}", "run.wandb_mode=offline",
+        *ALL_ON, "mone.dense_epochs=0",  # every augmentation, with e_c drawn per step from the first step
     ]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
@@ -189,6 +194,18 @@ def trained(mlflow_server, tmp_path_factory):
     run_dir = storage / "tracked"
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run_dir, summary, history
+
+
+@pytest.mark.slow
+def test_every_augmentation_on_trains_under_ray_train_and_deepspeed(trained):
+    """The decode workers (RandAugment, colour and scale jitter, erasing), the train step (mixup/cutmix, soft
+    targets, label smoothing) and stochastic depth ran together in the MoNE stage of a real run."""
+    run_dir, summary, history = trained
+    config = (run_dir / "config.yaml").read_text()
+    for setting in ("mixup: 0.8", "cutmix: 1.0", "randaugment_layers: 2", "random_erasing: 0.25",
+                    "color_jitter: 0.4", "drop_path: 0.1", "label_smoothing: 0.1", "dense_epochs: 0"):
+        assert setting in config, setting
+    assert summary["epochs"] == 3 and all(0 < m["train_loss"] < 10 for m in history)
 
 
 @pytest.mark.slow
