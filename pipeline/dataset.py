@@ -667,7 +667,8 @@ def torch_collate(batch: dict[str, np.ndarray]) -> dict:
     import torch
 
     tokens = np.require(batch["tokens"], requirements="W")  # Ray hands out read-only arrays; torch wants writable
-    return {"tokens": torch.from_numpy(tokens), "label": torch.as_tensor(batch["label"], dtype=torch.int64),
+    label = np.asarray(batch["label"], dtype=np.int64)  # from_numpy: CPU whatever torch's default device is
+    return {"tokens": torch.from_numpy(tokens), "label": torch.from_numpy(label),
             "path": [str(p) for p in batch["path"]]}
 
 
