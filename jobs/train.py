@@ -148,6 +148,9 @@ def train(cfg: TrainConfig, *, address: str | None = None, resource_check: bool 
         check_resources(cfg, {"CPU": float(get_num_cpus()), "GPU": math.inf})
     storage = run_files.storage_uri(cfg.run.storage_path)
     run_dir = run_files.join(storage, cfg.run_name)
+    init = cfg.model.init_from  # e.g. tiny_cpu_mone's runs/tiny_cpu_nested: the workers need it absolute too
+    if init and not run_files.is_remote(init) and Path(init).expanduser().exists():
+        cfg.model.init_from = str(Path(init).expanduser().resolve())
     data = job_data.prepare(cfg)  # generate (cached) + manifests + label map; no Ray needed
 
     if not ray.is_initialized():
