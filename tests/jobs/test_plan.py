@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import load_config
+from jobs.config import ConfigError, load_config
 from jobs.plan import describe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,3 +52,20 @@ def test_plan_of_the_demo_and_of_a_nested_stage():
     chain = describe(load_config("tiny_cpu", ["mone.nested_epochs=2", "mone.dense_epochs=1", "optim.epochs=5"]))
     assert [(s["stage"], s["epochs"]) for s in chain["stages"]] == [("nested", [1, 2]), ("dense", [3, 3]),
                                                                      ("mone", [4, 5])]
+
+
+def test_the_cpu_chain_links_its_two_stages(tmp_path, monkeypatch):
+    """tiny_cpu_nested (nested, then dense, from scratch) -> tiny_cpu_mone (MoNE from stage 1's run at a quarter of
+    the demo's lr), on the demo's own data and model: what the README's two commands rely on."""
+    demo, first = load_config("tiny_cpu"), load_config("tiny_cpu_nested")
+    second = load_config("tiny_cpu_mone", check_paths=False)  # stage 1 has not run here
+    plan1, plan2 = describe(first), describe(second)
+    assert [(s["stage"], s["epochs"]) for s in plan1["stages"]] == [("nested", [1, 2]), ("dense", [3, 12])]
+    assert [s["stage"] for s in plan2["stages"]] == ["mone"] and plan2["model"]["init_from"]
+    assert Path(second.model.init_from) == Path(first.run.storage_path) / first.run_name  # stage 1's default run
+    assert plan2["optimisation"]["lr"] == pytest.approx(describe(demo)["optimisation"]["lr"] / 4)
+    for cfg in (first, second):
+        assert cfg.data == demo.data and cfg.model.variant == demo.model.variant  # same clips, same model
+    monkeypatch.chdir(tmp_path)  # where stage 1 has not run
+    with pytest.raises(ConfigError, match="model.init_from: 'runs/tiny_cpu_nested' does not exist"):
+        load_config("tiny_cpu_mone")  # named, with what to give
