@@ -8,7 +8,7 @@ Contenders, on the same generated videos:
 - ours: the paper's recipe as the CPU configs ship it, end to end through `mone train` (Ray Data decoding, Ray Train
   + DeepSpeed, MoNE), pointed at the generated dataset; a chain of two runs, as the README's K400/SSv2 chain:
   1. `--config tiny_cpu_nested`: a nested (MatViT) stage of 2 epochs (every width a standalone model), then 10 dense
-     epochs, from scratch;
+     epochs, from scratch, with ViViT's scale jitter and a random crop (a random shift of the whole clip);
   2. `--config tiny_cpu_mone model.init_from=<run 1>`: MoNE fine-tuning, e_c drawn per step, 6 epochs at a
      fine-tuning lr.
   Top-1 on the held-out videos at e_c = 1 and 0.3 from run 2's validation (run 1's dense top-1 is in the JSON too).
@@ -25,6 +25,8 @@ could not learn the task: per-frame pooling (mean vs max) x tubelet size (16 px 
     python benchmarks/learnability.py                      # ~6 min on 2 cores: data, ours (2 runs), cnn
     python benchmarks/learnability.py --seed 1             # another dataset and training seed
     python benchmarks/learnability.py --one-run            # ours = the demo's one-run recipe (~5 min)
+    python benchmarks/learnability.py --stage1 data.augment.scale_jitter=[1.0,1.0] data.augment.scale_jitter=[1.0,1.0]
+                                                           # the chain without its random shift (overrides per run)
     python benchmarks/learnability.py --ablation           # + 5 in-process contenders (~3 min each)
 
 Ends with one JSON line: ours_top1, ours_top1_ec0.3, cnn_top1, chance, the target (ours_top1 >= cnn_top1 - 0.10),
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--cnn-epochs", type=int, default=6)
     ap.add_argument("--ablation", action="store_true", help="also the in-process pooling x tubelet contenders")
     ap.add_argument("--ablation-epochs", type=int, default=10)
+    ap.add_argument("--stage1", action="append", default=[], metavar="KEY=VALUE",
+                    help="the chain: a config override for its first run (repeat for more)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="extra config overrides for 'ours' (the chain: for its MoNE run)")
     args = ap.parse_args()
@@ -171,7 +175,7 @@ def train_ours(args, root: Path, storage: Path) -> dict:
 
 def train_chain(args, root: Path, storage: Path) -> tuple[dict, dict]:
     """The paper's chain with the CPU configs: nested + dense from scratch, then MoNE fine-tuned from that run."""
-    first = mone_train("tiny_cpu_nested", root, storage, args.seed, [])
+    first = mone_train("tiny_cpu_nested", root, storage, args.seed, args.stage1)
     return first, mone_train("tiny_cpu_mone", root, storage, args.seed,
                              [f"model.init_from={first['run_dir']}", "mone.val_budgets=[0.3,1.0]", *args.overrides])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,8 +65,11 @@ def test_the_cpu_chain_links_its_two_stages(tmp_path, monkeypatch):
     assert [s["stage"] for s in plan2["stages"]] == ["mone"] and plan2["model"]["init_from"]
     assert Path(second.model.init_from) == Path(first.run.storage_path) / first.run_name  # stage 1's default run
     assert plan2["optimisation"]["lr"] == pytest.approx(describe(demo)["optimisation"]["lr"] / 4)
-    for cfg in (first, second):
-        assert cfg.data == demo.data and cfg.model.variant == demo.model.variant  # same clips, same model
+    for cfg in (first, second):  # the demo's clips and model; the chain adds a scale jitter (a random shift)
+        assert dataclasses.replace(cfg.data, augment=demo.data.augment) == demo.data
+        assert cfg.model.variant == demo.model.variant
+        assert cfg.data.augment.scale_jitter == [1.0, 1.25] and cfg.data.train_crop == "random"
+    assert second.data.augment == first.data.augment  # MoNE fine-tunes on what stage 1 trained on
     monkeypatch.chdir(tmp_path)  # where stage 1 has not run
     with pytest.raises(ConfigError, match="model.init_from: 'runs/tiny_cpu_nested' does not exist"):
         load_config("tiny_cpu_mone")  # named, with what to give
