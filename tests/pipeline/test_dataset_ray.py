@@ -144,7 +144,10 @@ def test_two_clips_per_decode_deterministic_per_epoch(ray_local, k400_tree):
         for r in rows:
             by_path.setdefault(r["path"], []).append(r["tokens"])
         assert by_path.keys() == good and all(len(v) == 2 for v in by_path.values())  # k rows per video
-        assert all((a != b).any() for a, b in by_path.values())  # two different clips of one decode
+        # Two clips drawn from one decode, not one clip twice. Independent draws may coincide (same start, crop and
+        # flip: the RNG is keyed by the path, which moves with pytest's temp dir; a CI run once drew such a pair), so
+        # most videos, not all, must show two different clips; one clip copied k times fails every video.
+        assert sum((a != b).any() for a, b in by_path.values()) >= 3 * len(good) // 4
         runs.append(by_path)
     assert all(any((x == y).all() for y in runs[2][p]) for p in good for x in runs[0][p])  # epoch 0 again: same
     assert any(not (runs[0][p][0] == runs[1][p][0]).all() for p in good)  # epoch 1: new clips
